@@ -1,0 +1,183 @@
+"""LoraConfig: the fields of one adapter, their validation, and PEFT's JSON form.
+
+Letters follow the LoRA paper (Hu et al. 2021, eq. 3) and PEFT: h = W x + B A x * scaling with
+A (r x in) and B (out x r). The background text in shared/seed writes them the other way round
+(A: m x r, B: r x n, dW = A B); its A is our B. Only the names differ, not the math.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+from loraforge import LoraError
+
+# Module-name suffixes behind the target presets. `all-linear` is not a list: it takes every
+# Linear / Conv1D layer except the output head (see model.find_targets).
+PRESETS: dict[str, tuple[str, ...]] = {
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj",  # Llama, Mistral, Qwen, SmolLM
+                  "attn.c_attn", "attn.c_proj",  # GPT-2 (Conv1D)
+                  "query_key_value", "qkv_proj", "Wqkv", "out_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj",  # Llama family
+            "mlp.c_fc", "mlp.c_proj",  # GPT-2
+            "fc1", "fc2", "dense_h_to_4h", "dense_4h_to_h"),
+}
+ALL_LINEAR = "all-linear"
+INITS = ("default", "gaussian", "pissa")
+
+
+@dataclass
+class LoraConfig:
+    """One adapter's settings. Field names follow PEFT where PEFT has them (`to_peft`)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | str = ALL_LINEAR
+    exclude_modules: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    init: str = "default"  # default: A kaiming-uniform, B zero | gaussian | pissa
+    use_rslora: bool = False  # scaling = alpha / sqrt(r) (Kalajdzievski 2023)
+    use_dora: bool = False  # weight-decomposed LoRA (Liu et al. 2024)
+    modules_to_save: list[str] = field(default_factory=list)
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = [str(t) for t in self.target_modules]
+        self.modules_to_save = list(self.modules_to_save or [])
+        errors = self.problems()
+        if errors:
+            raise LoraError("invalid LoraConfig: " + "; ".join(errors))
+
+    def problems(self) -> list[str]:
+        """Every problem with the fields, collected (not just the first)."""
+        errors = []
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            errors.append(f"r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            errors.append(f"alpha must be > 0, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            errors.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            errors.append(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if not self.target_modules:
+            errors.append("target_modules is empty")
+        for key, value in self.rank_pattern.items():
+            if not isinstance(value, int) or value <= 0:
+                errors.append(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        for key, value in self.alpha_pattern.items():
+            if not isinstance(value, (int, float)) or value <= 0:
+                errors.append(f"alpha_pattern[{key!r}] must be > 0, got {value!r}")
+        for pattern in [*self.rank_pattern, *self.alpha_pattern]:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                errors.append(f"pattern {pattern!r} is not a valid regex: {err}")
+        return errors
+
+    # --- per-module values -------------------------------------------------------------
+    def rank_for(self, module_name: str) -> int:
+        return int(_pattern_value(self.rank_pattern, module_name, self.r))
+
+    def alpha_for(self, module_name: str) -> float:
+        return float(_pattern_value(self.alpha_pattern, module_name, self.alpha))
+
+    def scaling_for(self, module_name: str) -> float:
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    # --- PEFT's adapter_config.json ------------------------------------------------------
+    def to_peft(self, target_names: list[str] | None = None) -> dict:
+        """PEFT's adapter_config.json fields. `target_names` replaces presets by the
+        concrete module-name suffixes found on the model, so PEFT and vLLM can read it."""
+        targets = self.target_modules
+        if target_names is not None and (isinstance(targets, list) or targets in PRESETS or targets == ALL_LINEAR):
+            targets = sorted(set(target_names))
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": targets,
+            "exclude_modules": self.exclude_modules,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "modules_to_save": self.modules_to_save or None,
+            "init_lora_weights": {"default": True}.get(self.init, self.init),
+            "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "inference_mode": True,
+            "revision": None,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+        }
+
+    @classmethod
+    def from_peft(cls, data: dict, where: str = "adapter_config.json") -> "LoraConfig":
+        """Read PEFT's adapter_config.json (ours or PEFT's own)."""
+        if data.get("peft_type", "LORA") != "LORA":
+            raise LoraError(f"{where}: peft_type is {data.get('peft_type')!r}, only LORA adapters are supported")
+        if data.get("layers_to_transform") not in (None, []):
+            raise LoraError(f"{where}: layers_to_transform is not supported")
+        if data.get("bias", "none") != "none":
+            raise LoraError(f"{where}: bias={data.get('bias')!r} is not supported (only 'none')")
+        init = data.get("init_lora_weights", True)
+        init = "default" if init in (True, False, None) else str(init)
+        init = "pissa" if init.startswith("pissa") else init
+        try:
+            return cls(
+                r=data.get("r", 8), alpha=data.get("lora_alpha", 8), dropout=data.get("lora_dropout", 0.0),
+                target_modules=data.get("target_modules") or [], exclude_modules=data.get("exclude_modules"),
+                rank_pattern=data.get("rank_pattern") or {}, alpha_pattern=data.get("alpha_pattern") or {},
+                init=init if init in INITS else "default", use_rslora=bool(data.get("use_rslora", False)),
+                use_dora=bool(data.get("use_dora", False)), modules_to_save=data.get("modules_to_save") or [],
+                base_model_name_or_path=data.get("base_model_name_or_path"),
+            )
+        except LoraError as err:
+            raise LoraError(f"{where}: {err}") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "config") -> "LoraConfig":
+        """Build from a plain dict (a YAML recipe section); unknown keys are errors."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LoraError(f"{where}: unknown LoRA option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+def _pattern_value(patterns: dict, module_name: str, default):
+    """PEFT's rule: a pattern key matches a module name ending in it (as a regex)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def name_matches(module_name: str, targets: list[str] | str) -> bool:
+    """Whether `module_name` is selected by `targets`.
+
+    A list selects exact names and dotted suffixes (`q_proj` matches `layers.0.self_attn.q_proj`);
+    preset names (`attention`, `mlp`) expand to their suffixes; a string that is not a preset is
+    a regex matched against the whole name (PEFT's convention).
+    """
+    if isinstance(targets, str):
+        if targets in PRESETS:
+            return name_matches(module_name, list(PRESETS[targets]))
+        return re.fullmatch(targets, module_name) is not None
+    for target in targets:
+        if target in PRESETS:
+            if name_matches(module_name, list(PRESETS[target])):
+                return True
+        elif module_name == target or module_name.endswith("." + target):
+            return True
+    return False
