@@ -47,6 +47,8 @@ class LoraConfig:
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = [str(t) for t in self.target_modules]
         self.modules_to_save = list(self.modules_to_save or [])
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
         errors = self.problems()
         if errors:
             raise LoraError("invalid LoraConfig: " + "; ".join(errors))
@@ -56,19 +58,19 @@ class LoraConfig:
         errors = []
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             errors.append(f"r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+        if not _is_number(self.alpha) or not self.alpha > 0:  # `not > 0` also rejects NaN
             errors.append(f"alpha must be > 0, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
             errors.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
             errors.append(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if not self.target_modules:
             errors.append("target_modules is empty")
         for key, value in self.rank_pattern.items():
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 errors.append(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
         for key, value in self.alpha_pattern.items():
-            if not isinstance(value, (int, float)) or value <= 0:
+            if not _is_number(value) or not value > 0:
                 errors.append(f"alpha_pattern[{key!r}] must be > 0, got {value!r}")
         for pattern in [*self.rank_pattern, *self.alpha_pattern]:
             try:
@@ -127,6 +129,8 @@ class LoraConfig:
             raise LoraError(f"{where}: layers_to_transform is not supported")
         if data.get("bias", "none") != "none":
             raise LoraError(f"{where}: bias={data.get('bias')!r} is not supported (only 'none')")
+        if data.get("lora_bias"):
+            raise LoraError(f"{where}: lora_bias=True is not supported (lora_B without a bias only)")
         init = data.get("init_lora_weights", True)
         init = "default" if init in (True, False, None) else str(init)
         init = "pissa" if init.startswith("pissa") else init
@@ -153,6 +157,10 @@ class LoraConfig:
         if unknown:
             raise LoraError(f"{where}: unknown LoRA option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**data)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _pattern_value(patterns: dict, module_name: str, default):

@@ -101,6 +101,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     model.config.tie_word_embeddings = _weights_tied(model)
     if not tokenizer.chat_template:
         raise LoraError(f"GGUF file {gguf_path} has no chat template (tokenizer.chat_template)")
+    if tokenizer.model_max_length > model.config.max_position_embeddings:  # GGUF leaves it "infinite"
+        tokenizer.model_max_length = model.config.max_position_embeddings
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     source = {"gguf": name, "package": f"{EMBEDDED_DIST}=={_dist_version(EMBEDDED_DIST)}",
@@ -141,6 +143,7 @@ def build_cached(dest: Path, build: Callable[[Path], None]) -> Path:
     _remove_stale_temps(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private (0700)
         build(tmp)
         try:
             os.rename(tmp, dest)  # atomic; fails if dest appeared (non-empty) meanwhile
@@ -167,6 +170,8 @@ def ensure_default_model() -> Path:
     """The converted default model directory, converting the embedded GGUF on first use."""
     dest = default_model_dir()
     if dest.is_dir():
+        if not (dest / "config.json").is_file():
+            raise LoraError(f"model cache {dest} is incomplete (no config.json); delete it and retry")
         return dest
     gguf = embedded_gguf_path()
     try:
@@ -208,7 +213,7 @@ def _download_from_hub(repo_id: str) -> str:
         folder = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
     except (HFValidationError, RepositoryNotFoundError) as err:
         raise LoraError(
-            f"cannot load model '{repo_id}': not a local directory nor a model on the hub "
+            f"cannot load model '{repo_id}': not a local directory nor a hub model you can access "
             f"({type(err).__name__}: {_one_line(err)})"
         ) from None
     except Exception as err:  # offline, DNS, timeouts, HTTP errors: all mean "unreachable"
@@ -381,12 +386,13 @@ def generate_text(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase"
     from transformers import GenerationConfig
 
     texts, add_special = _prompt_texts(tokenizer, prompts, chat), not chat
+    eos = getattr(model.generation_config, "eos_token_id", None)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=temperature > 0,
         temperature=temperature if temperature > 0 else None,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id if eos is None else eos,
     )
     side, was_training = tokenizer.padding_side, model.training
     tokenizer.padding_side = "left"

@@ -1,0 +1,125 @@
+"""Scoring a model (with or without an adapter): loss, perplexity, exact match; generation."""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from loraforge import LoraError
+from loraforge import data as D
+
+
+@torch.no_grad()
+def answer_loss(model, tokenizer, examples: list[D.Example], max_tokens: int = 1024,
+                batch_size: int = 8) -> float:
+    """Mean cross-entropy per answer token, with examples packed as in training."""
+    from loraforge.train import answer_loss_sum
+
+    pairs = D.encode_examples(examples, tokenizer, max_len=max_tokens).pairs
+    rows = D.pack(pairs, max_tokens)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in D.collate(rows[start:start + batch_size], tokenizer.pad_token_id).items()}
+        batch["attention_mask"] = batch["attention_mask"].to(next(model.parameters()).dtype)
+        total += float(answer_loss_sum(model, batch))
+        count += D.count_answer_tokens(batch["labels"])
+    return total / max(count, 1)
+
+
+def exact_match(model, tokenizer, examples: list[D.Example], batch_size: int = 16,
+                max_new_tokens: int | None = None) -> tuple[float, list[dict]]:
+    """Fraction of examples whose greedy answer, stripped, equals the reference answer."""
+    from loraforge.models import generate_text
+
+    scored = [ex for ex in examples if ex.answer is not None]
+    if not scored:
+        return float("nan"), []
+    limit = max_new_tokens or max(len(tokenizer(ex.answer)["input_ids"]) for ex in scored) + 8
+    rows = []
+    for start in range(0, len(scored), batch_size):
+        chunk = scored[start:start + batch_size]
+        outputs = generate_text(model, tokenizer, [D.prompt_text(ex, tokenizer) for ex in chunk], limit)
+        rows += [{"expected": ex.answer.strip(), "got": out.strip()} for ex, out in zip(chunk, outputs)]
+    hits = sum(r["expected"] == r["got"] for r in rows)
+    return hits / len(rows), rows
+
+
+def evaluate(model, tokenizer, examples: list[D.Example], batch_size: int = 16) -> dict:
+    was_training = model.training
+    model.eval()
+    try:
+        loss = answer_loss(model, tokenizer, [ex for ex in examples if ex.answer is not None or ex.text])
+        em, rows = exact_match(model, tokenizer, examples, batch_size)
+    finally:
+        model.train(was_training)
+    return {"loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50)), 4),
+            "exact_match": round(em, 4), "n": len(examples), "samples": rows[:5]}
+
+
+def load_for_inference(model_name: str, adapter: str | None, dtype: str = "float32", quantize: str | None = None):
+    """Base model + tokenizer, with the adapter at `adapter` attached and active."""
+    from loraforge.io import load_adapter
+    from loraforge.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model_name)
+    model = load_model(model_name, dtype=dtype)
+    if quantize:
+        from loraforge.quant import quantize_model
+
+        quantize_model(model, quantize)
+    if adapter:
+        load_adapter(model, adapter)
+    return model, tokenizer
+
+
+def cli_eval(args) -> int:
+    model, tokenizer = load_for_inference(args.model, args.adapter, quantize=args.quantize)
+    examples = D.load_examples(args.data)
+    if args.limit:
+        examples = examples[:args.limit]
+    result = evaluate(model, tokenizer, examples, args.batch_size)
+    label = f"adapter {args.adapter}" if args.adapter else f"base model {args.model}"
+    print(f"{label} on {args.data} ({result['n']} examples): loss {result['loss']:.4f}, "
+          f"perplexity {result['perplexity']:.3f}, exact match {100 * result['exact_match']:.1f}%")
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "samples"}))
+    return 0
+
+
+def cli_generate(args) -> int:
+    model, tokenizer = load_for_inference(args.model, args.adapter, quantize=args.quantize)
+    from loraforge.models import generate_text
+
+    text = generate_text(model, tokenizer, [args.prompt], args.max_tokens, chat=args.chat,
+                         temperature=args.temperature)[0]
+    print(text)
+    return 0
+
+
+def cli_merge(args) -> int:
+    """Write base + adapter as one standalone transformers model (safetensors)."""
+    from pathlib import Path
+
+    from loraforge.model import merge_and_unload
+
+    model, tokenizer = load_for_inference(args.model, args.adapter, dtype=args.dtype)
+    merged = merge_and_unload(model)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise LoraError(f"output directory {out} is not empty (pass --force to overwrite)")
+    tmp = out.with_name(f".{out.name}.tmp")
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    _replace_dir(tmp, out)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def _replace_dir(tmp, out):
+    import shutil
+
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
