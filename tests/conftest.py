@@ -39,8 +39,9 @@ BUILDERS = {"llama": build_llama, "gpt2": build_gpt2}
 
 
 def randomize_adapters(model: torch.nn.Module, seed: int = 1, std: float = 0.2) -> torch.nn.Module:
-    """Give every adapter a non-zero update: random lora_B / embedding factors, and a DoRA
-    magnitude perturbed away from the row norms. Works on loraforge and on PEFT models."""
+    """Give every adapter a non-zero update: random lora_B / embedding factors, a DoRA magnitude
+    perturbed away from the row norms, noise on modules_to_save copies. Works on loraforge and
+    on PEFT models (whose embedding init zeroes lora_embedding_A instead of B)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -48,6 +49,8 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 1, std: float = 0.2) 
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
             elif "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif "modules_to_save." in name:  # the per-adapter copy, never the original
+                p.add_(torch.randn(p.shape, generator=gen) * std)
     return model
 
 

@@ -97,9 +97,7 @@ def test_shapes_and_init_distributions(kind):
 
 
 def test_gaussian_init_std():
-    layer, _ = wrap("linear", r=4, init="gaussian")
-    base = nn.Linear(4096, 64)
-    big = LoraLinear(base)
+    big = LoraLinear(nn.Linear(4096, 64))
     big.add_adapter("g", 4, 8, init="gaussian")
     assert big.lora_A["g"].weight.std().item() == pytest.approx(1 / 4, rel=0.05)
 
@@ -110,11 +108,10 @@ def test_layer_scaling(use_rslora, expected):
     assert layer.scaling["default"] == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("kind, option", CASES)
+@pytest.mark.parametrize("kind, option", [c for c in CASES if c[1] not in ("dora", "pissa")])
 def test_forward_matches_dense_update(kind, option):
-    """Plain / rsLoRA / gaussian / dropout (in eval): output = base(x) with W + B A * s."""
-    if option in ("dora", "pissa"):
-        pytest.skip("checked against merge below")
+    """Plain / rsLoRA / gaussian / dropout (in eval): output = base(x) with W + B A * s.
+    (DoRA has its own formula test; PiSSA is checked through merge.)"""
     layer, reference = wrap(kind, **OPTIONS[option])
     randomize(layer)
     x = make_input(kind)

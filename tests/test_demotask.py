@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+import loraforge
 from loraforge import LoraError
 from loraforge.data import load_examples
 from loraforge.demotask import (
@@ -89,3 +94,15 @@ def test_unknown_task_and_cli(tmp_path, capsys):
     assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 30
     assert len((tmp_path / "test.jsonl").read_text().splitlines()) == 5
     assert "wrote 30 train examples" in capsys.readouterr().out
+
+
+def test_module_runs_as_a_command(tmp_path):
+    src = str(Path(loraforge.__file__).parents[1])  # works installed or from a checkout
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "loraforge.demotask", "--out", str(tmp_path / "d"), "--n-train", "20", "--n-test", "4"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert len(load_examples(tmp_path / "d" / "train.jsonl")) == 20
+    bad = subprocess.run(cmd[:3] + ["--out", str(tmp_path / "e"), "--task", "poems"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "invalid choice: 'poems'" in bad.stderr

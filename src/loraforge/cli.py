@@ -39,8 +39,13 @@ def add_estimate(sub):
 
 
 def add_demo(sub):
-    p = sub.add_parser("demo", help="attach, merge, save and reload an adapter on a tiny model")
-    p.add_argument("--out", default="out/demo-adapter")
+    p = sub.add_parser("demo", help="score, fine-tune and re-score the embedded model on the demo task")
+    _model_flag(p)
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--task", default="extract", help="demo task (loraforge.demotask.TASKS)")
+    p.add_argument("--n-train", dest="n_train", type=int, default=2000)
+    p.add_argument("--n-test", dest="n_test", type=int, default=100)
+    p.add_argument("--max-steps", dest="max_steps", type=int, default=0, help="0: the recipe's epochs")
     p.set_defaults(func=_run("demo:cli_demo"))
 
 
@@ -118,7 +123,87 @@ def add_generate(sub):
     p.set_defaults(func=_run("evaluate:cli_generate"))
 
 
-COMMANDS = [add_estimate, add_train, add_eval, add_merge, add_generate, add_demo]
+def add_inspect(sub):
+    p = sub.add_parser("inspect", help="per-module norms, singular values and effective rank of an adapter")
+    p.add_argument("adapter", help="adapter directory (loraforge or PEFT format)")
+    p.add_argument("--model", default=None, help="base model: also print ||dW|| / ||W|| per module")
+    p.add_argument("--plot", default=None, help="write a heat map PNG (layers x module types) of ||dW||")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_run("tools.inspect:cli_inspect"))
+
+
+def add_resize(sub):
+    p = sub.add_parser("resize", help="shrink an adapter to a lower rank by truncated SVD")
+    p.add_argument("adapter", help="adapter directory (loraforge or PEFT format)")
+    p.add_argument("--rank", "-r", type=int, default=None, help="new rank (capped at the adapter's rank)")
+    p.add_argument("--energy", type=float, default=None,
+                   help="per module, the smallest rank keeping this fraction of sum(sigma^2), e.g. 0.99")
+    p.add_argument("--out", required=True, help="output adapter directory")
+    p.set_defaults(func=_run("tools.resize:cli_resize"))
+
+
+def add_combine(sub):
+    p = sub.add_parser("combine", help="combine adapters into one (cat, svd, ties, dare)")
+    p.add_argument("adapters", nargs="+", help="adapter directories (same base model and targets)")
+    p.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per adapter (default 1)")
+    p.add_argument("--method", default="cat", choices=["cat", "svd", "ties", "dare"])
+    p.add_argument("--rank", "-r", type=int, default=None,
+                   help="rank of the result for svd/ties/dare (default: sum of ranks, capped by the matrix size)")
+    p.add_argument("--density", type=float, default=0.5, help="ties: fraction kept; dare: keep probability")
+    p.add_argument("--seed", type=int, default=0, help="dare: seed of the random drop")
+    p.add_argument("--allow-different-targets", action="store_true",
+                   help="combine adapters of different module sets (a missing module counts as dW = 0)")
+    p.add_argument("--out", required=True, help="output adapter directory")
+    p.set_defaults(func=_run("tools.combine:cli_combine"))
+
+
+def add_sweep(sub):
+    p = sub.add_parser("sweep", help="train several targets:rank configurations on the same data and compare")
+    p.add_argument("--data", required=True, help="training JSONL")
+    p.add_argument("--configs", required=True, help="comma list of targets:rank, e.g. attention:16,all-linear:8 "
+                                                    "(join module names with +: q_proj+v_proj:8)")
+    p.add_argument("--budget-from", dest="budget_from", default=None,
+                   help="reference targets:rank for the parameter ratio (default: the first config)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps per configuration")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--eval-data", dest="eval_data", default=None,
+                   help="JSONL to score on (default: the validation split held out of --data)")
+    p.add_argument("--eval-limit", dest="eval_limit", type=int, default=0, help="score only the first N rows")
+    p.add_argument("--out", default="out/sweep")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=None, help="tokens per packed row")
+    p.set_defaults(func=_run("tools.sweep:cli_sweep"))
+
+
+def add_serve(sub):
+    p = sub.add_parser("serve", help="serve the base model and many adapters over an OpenAI-compatible API")
+    _model_flag(p)
+    p.add_argument("--adapters", default=None, help="directory whose subdirectories are adapters, served by name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-loaded", dest="max_loaded", type=int, default=8, help="adapters kept in memory (LRU)")
+    p.add_argument("--max-batch", dest="max_batch", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-queue", dest="max_queue", type=int, default=256,
+                   help="requests waiting for a batch slot before new ones get 429")
+    p.add_argument("--api-key", dest="api_key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    p.add_argument("--merge", default=None, metavar="NAME",
+                   help="fold adapter NAME into the base weights and serve only it (single tenant)")
+    p.add_argument("--allow-root", dest="allow_root", action="append", metavar="PATH",
+                   help="directory from which /v1/load_lora_adapter may load adapters (repeatable)")
+    p.add_argument("--served-model-name", dest="served_model_name", default=None,
+                   help="the base model's name in the API (default: --model)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--shutdown-timeout", dest="shutdown_timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument("--log-level", dest="log_level", default="info")
+    p.set_defaults(func=_run("serve.server:cli_serve"))
+
+
+COMMANDS = [add_estimate, add_train, add_eval, add_merge, add_generate, add_demo, add_serve]
+COMMANDS += [add_inspect, add_resize, add_combine, add_sweep]
 
 
 def build_parser() -> argparse.ArgumentParser:

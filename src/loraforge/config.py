@@ -91,9 +91,10 @@ class LoraConfig:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     # --- PEFT's adapter_config.json ------------------------------------------------------
-    def to_peft(self, target_names: list[str] | None = None) -> dict:
+    def to_peft(self, target_names: list[str] | None = None, fan_in_fan_out: bool = False) -> dict:
         """PEFT's adapter_config.json fields. `target_names` replaces presets by the
-        concrete module-name suffixes found on the model, so PEFT and vLLM can read it."""
+        concrete module-name suffixes found on the model, so PEFT and vLLM can read it;
+        `fan_in_fan_out` is what PEFT records for GPT-2-style Conv1D targets."""
         targets = self.target_modules
         if target_names is not None and (isinstance(targets, list) or targets in PRESETS or targets == ALL_LINEAR):
             targets = sorted(set(target_names))
@@ -107,7 +108,7 @@ class LoraConfig:
             "target_modules": targets,
             "exclude_modules": self.exclude_modules,
             "bias": "none",
-            "fan_in_fan_out": False,
+            "fan_in_fan_out": fan_in_fan_out,
             "modules_to_save": self.modules_to_save or None,
             "init_lora_weights": {"default": True}.get(self.init, self.init),
             "use_rslora": self.use_rslora,

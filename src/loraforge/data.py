@@ -218,6 +218,8 @@ def answer_text(example: Example, tokenizer: Any, chat_template: bool = True) ->
     what the template writes around the answer (``<|im_end|>`` for ChatML). Trailing whitespace
     after the marker is dropped; without a template (or marker) the tokenizer's eos is used.
     """
+    if example.answer is None:
+        raise LoraError(f"{example.where}: a plain-text example has no answer")
     eos = tokenizer.eos_token or ""
     if not _use_template(tokenizer, chat_template):
         return example.answer + eos
@@ -314,7 +316,7 @@ def _row(pairs: list[Pair]) -> dict[str, list[int]]:
     row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": [], "seq_lens": []}
     for ids, labels in pairs:
         row["input_ids"] += ids
-        row["labels"] += [IGNORE_INDEX] + labels[1:]
+        row["labels"] += [IGNORE_INDEX] * min(1, len(labels)) + labels[1:]
         row["position_ids"] += list(range(len(ids)))
         row["seq_lens"].append(len(ids))
     return row
@@ -376,6 +378,8 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int,
     input_ids, labels (padding -100), position_ids: (B, T); attention_mask: (B, 1, T, T) with 0
     where attention is allowed and the dtype's minimum elsewhere.
     """
+    if not rows:
+        raise LoraError("collate needs at least one row")
     T = max(len(r["input_ids"]) for r in rows)
 
     def padded(key: str, value: int) -> torch.Tensor:

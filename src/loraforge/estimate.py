@@ -324,7 +324,8 @@ def format_estimate(r: dict) -> str:
               f"{'total':<30}{human(r['total_training_bytes']):>14}{human(full['total_training_bytes']):>20}",
               "",
               f"adapter file: adapter_model.safetensors {human(r['adapter_file_bytes'])} "
-              f"({r['adapter_file_bytes']:,} bytes) in {s['adapter_dtype']} (--adapter-dtype; default float32, as adapters train in float32)",
+              f"({r['adapter_file_bytes']:,} bytes) in {s['adapter_dtype']} "
+              f"(--adapter-dtype; default float32, as adapters train in float32)",
               f"LoRA: adapter weights and gradients in {s['adapter_dtype']}, {s['optimizer']} states "
               f"{r['optimizer_bytes'] // max(r['trainable_params'], 1)} B/param"]
     if s["quantize"]:

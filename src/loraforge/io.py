@@ -12,53 +12,80 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Callable
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from loraforge import LoraError
 from loraforge.config import LoraConfig
-from loraforge.layers import LoraEmbedding, LoraLayer
-from loraforge.model import ModulesToSave, _matrix_shape, adaptable_modules, attach, find_targets, lora_layers
+from loraforge.layers import LoraConv1D, LoraEmbedding, LoraLayer
+from loraforge.model import (ModulesToSave, _matrix_shape, adaptable_modules, attach, find_targets, lora_layers,
+                             saved_module_paths)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 # --- atomic writes ----------------------------------------------------------------------------
+def _temp_beside(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def _write_bytes_to(tmp: Path, data: bytes):
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _save_safetensors_to(tmp: Path, tensors: dict[str, torch.Tensor], metadata=None):
+    # looked up at call time, so that safetensors.torch.save_file can be patched in tests
+    safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                                metadata=metadata)
+
+
+def atomic_write_files(writers: dict[Path, Callable[[Path], None]]):
+    """Write several files all-or-nothing as far as a filesystem allows: every file goes to a temp
+    file beside its target first; targets are replaced (renamed over) only once all are written.
+    `writers` maps each target path to a function that writes the content to a given temp path."""
+    temps: dict[Path, Path] = {}
+    try:
+        for path, write in writers.items():
+            temps[path] = _temp_beside(Path(path))
+            write(temps[path])
+            os.chmod(temps[path], 0o666 & ~_UMASK)  # temp files are 0600; the result gets ordinary permissions
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes):
     """Write to a temp file in the same directory, fsync, then rename over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_files({Path(path): lambda tmp: _write_bytes_to(tmp, data)})
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, _json_bytes(obj))
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_files({Path(path): lambda tmp: _save_safetensors_to(tmp, tensors, metadata)})
 
 
 # --- model -> tensors ---------------------------------------------------------------------------
@@ -103,9 +130,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     except OSError as err:
         raise LoraError(f"cannot create adapter directory {path}: {err.strerror}") from None
     tensors, config = _pissa_to_lora(model, name, adapter_state_dict(model, name), configs[name])
-    atomic_save_safetensors(tensors, path / WEIGHTS_NAME, metadata={"format": "pt"})
-    atomic_write_json(path / CONFIG_NAME, config.to_peft(target_names(model, name)))
+    config_bytes = _json_bytes(config.to_peft(target_names(model, name), fan_in_fan_out=_has_conv1d(model, name)))
+    atomic_write_files({  # both files or neither: a failed save leaves the previous adapter intact
+        path / WEIGHTS_NAME: lambda tmp: _save_safetensors_to(tmp, tensors, {"format": "pt"}),
+        path / CONFIG_NAME: lambda tmp: _write_bytes_to(tmp, config_bytes),
+    })
     return path
+
+
+def _has_conv1d(model: nn.Module, name: str) -> bool:
+    """PEFT records GPT-2-style Conv1D targets (weights stored in x out) as fan_in_fan_out."""
+    return any(isinstance(layer, LoraConv1D) and name in layer.r for _, layer in lora_layers(model))
 
 
 def _pissa_to_lora(model, name, tensors, config):
@@ -209,15 +244,24 @@ def _check_fits(model: nn.Module, config: LoraConfig, modules: dict, tensors: di
         if A is None or B is None:
             raise LoraError(f"adapter {path}: module {module_name!r} lacks its lora_A or lora_B tensor")
         r = A.shape[0]
-        for label, tensor, expected in (("lora_A", A, (r, in_f)), ("lora_B", B, (out_f, r))):
+        checks = [("lora_A", A, (r, in_f)), ("lora_B", B, (out_f, r))]
+        if config.use_dora:
+            if "lora_magnitude_vector" not in parts:
+                raise LoraError(f"adapter {path}: DoRA module {module_name!r} lacks its lora_magnitude_vector tensor")
+            checks.append(("lora_magnitude_vector", parts["lora_magnitude_vector"], (out_f,)))
+        for label, tensor, expected in checks:
             if tuple(tensor.shape) != expected:
                 raise LoraError(f"adapter {path}: {module_name}.{label} has shape {tuple(tensor.shape)} but the "
                                 f"model's {module_name} needs {expected} (out x in = {out_f} x {in_f}); "
                                 f"was it trained on another base model?")
-    for module_name in config.modules_to_save:
-        keys = [k for k in tensors if k.startswith(f"{PREFIX}{module_name}.") and ".lora_" not in k]
-        if not keys:
-            raise LoraError(f"adapter {path} lists {module_name!r} in modules_to_save but stores no weights for it")
+    for entry in config.modules_to_save:
+        paths = saved_module_paths(model, entry)
+        if not paths:
+            raise LoraError(f"adapter {path} lists {entry!r} in modules_to_save, which this model does not have")
+        for module_name in paths:
+            keys = [k for k in tensors if k.startswith(f"{PREFIX}{module_name}.") and ".lora_" not in k]
+            if not keys:
+                raise LoraError(f"adapter {path} lists {module_name!r} in modules_to_save but stores no weights for it")
     find_targets(model, config)  # raises if nothing matches
 
 

@@ -35,6 +35,7 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.row_adapters: list[tuple[str, torch.Tensor]] | None = None  # [(adapter, row index)]
+        self.router = None  # optional callable(layer, x, base_out) -> output, set by a serving engine
         self._merge_norms: dict[str, torch.Tensor] = {}  # DoRA: weight norm used at merge time
 
     # --- shapes of the base weight, seen as a (out x in) matrix ---------------------------
@@ -60,8 +61,10 @@ class LoraLayer(nn.Module):
         return bool(self.merged_adapters)
 
     def merge(self, names: list[str] | None = None):
-        for name in names or self.active_adapters:
-            if name not in self.merged_adapters:
+        """Fold adapters `names` (default: the active ones this layer has) into the weight."""
+        names = self.active_adapters if names is None else names
+        for name in names:
+            if name in self.r and name not in self.merged_adapters:
                 self._add_to_weight(self.merge_increment(name))
                 self.merged_adapters.append(name)
 
@@ -97,17 +100,20 @@ class LoraLayer(nn.Module):
             if self.merged:
                 raise LoraError("mixed-adapter batches need unmerged adapters: call unmerge() first")
             return [(name, rows) for name, rows in self.row_adapters if name in self.r]
-        return [(name, None) for name in self.active_adapters if name not in self.merged_adapters]
+        return [(name, None) for name in self.active_adapters if name in self.r and name not in self.merged_adapters]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled and self.merged:
             self.unmerge()
         result = self.base_layer(x, *args, **kwargs)
-        for name, rows in self.routes():
+        if self.router is not None:  # a batched multi-adapter kernel (serving) handles routing
+            return self.router(self, x, result)
+        base = result
+        for name, rows in self.routes():  # each increment is computed against the base output
             if rows is None:
-                result = result + self.lora_output(name, x, result)
+                result = result + self.lora_output(name, x, base)
             else:
-                result = result.index_add(0, rows, self.lora_output(name, x[rows], result[rows]))
+                result = result.index_add(0, rows, self.lora_output(name, x[rows], base[rows]))
         return result
 
     def lora_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -329,6 +335,8 @@ def dequantize(layer: nn.Module) -> torch.Tensor:
         return bnbF.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)
     if type(weight).__name__ == "Int8Params":
         scb = getattr(weight, "SCB", None)
+        if scb is None:  # bnb's Linear8bitLt moves CB/SCB into its matmul state on first forward
+            scb = getattr(getattr(layer, "state", None), "SCB", None)
         if scb is None:
             return weight.data.float()
         return weight.data.float() * scb.float()[:, None] / 127

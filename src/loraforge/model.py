@@ -102,6 +102,32 @@ def _matrix_shape(module: nn.Module) -> tuple[int, int]:
     return base.out_features, base.in_features
 
 
+def check_support(config: LoraConfig, targets: dict[str, nn.Module]) -> list[str]:
+    """DoRA and PiSSA exist for Linear / Conv1D only; say so before any layer is changed."""
+    embeddings = [n for n, m in targets.items() if not _is_linear_like(m)]
+    if not embeddings:
+        return []
+    problems = []
+    if config.use_dora:
+        problems.append(f"DoRA is supported on Linear and Conv1D layers, not on embeddings ({embeddings[0]})")
+    if config.init == "pissa":
+        problems.append(f"PiSSA init is supported on Linear and Conv1D layers, not on embeddings ({embeddings[0]})")
+    return problems
+
+
+def saved_module_paths(model: nn.Module, name: str) -> list[str]:
+    """PEFT's rule for a modules_to_save entry: the module at that path or at any path ending in
+    `.name` (`embed_tokens` selects `model.embed_tokens`)."""
+    return [n for n, _ in model.named_modules()
+            if n and (n == name or n.endswith("." + name)) and not _inside_lora(n)]
+
+
+def check_saved_modules(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Every modules_to_save entry must name a module of the model."""
+    return [f"modules_to_save names {name!r}, which this model does not have"
+            for name in config.modules_to_save if not saved_module_paths(model, name)]
+
+
 # --- attaching and removing -------------------------------------------------------------------
 def attach(model: nn.Module, config: LoraConfig, name: str = "default", activate: bool = True) -> nn.Module:
     """Add adapter `name` to every target of `config`, freeze the base, activate it."""
@@ -110,15 +136,17 @@ def attach(model: nn.Module, config: LoraConfig, name: str = "default", activate
     if name in getattr(model, "lora_configs", {}):
         raise LoraError(f"model already has an adapter named {name!r}")
     targets = find_targets(model, config)
-    problems = check_ranks(config, targets)
+    problems = check_ranks(config, targets) + check_support(config, targets) + check_saved_modules(model, config)
     if problems:
         raise LoraError("; ".join(problems))
     for module_name, module in targets.items():
         layer = module if isinstance(module, LoraLayer) else _wrap(model, module_name, module)
         layer.add_adapter(name, config.rank_for(module_name), config.alpha_for(module_name), config.dropout,
                           config.init, config.use_rslora, config.use_dora)
-    for module_name in config.modules_to_save:
-        _save_module(model, module_name, name)
+        layer.train(layer.base_layer.training)  # new dropout / factors follow the model's train/eval mode
+    for entry in config.modules_to_save:
+        for module_name in saved_module_paths(model, entry):
+            _save_module(model, module_name, name)
     if config.init == "pissa":  # kept to convert to a plain LoRA on save (io._pissa_to_lora)
         layers = dict(lora_layers(model))
         model.lora_initial_factors = getattr(model, "lora_initial_factors", {})
@@ -155,7 +183,7 @@ class ModulesToSave(nn.Module):
         self.row_adapters = None
 
     def forward(self, x, *args, **kwargs):
-        if self.row_adapters is not None:
+        if self.row_adapters is not None and not self.disabled:
             out = self.original_module(x, *args, **kwargs)
             for name, rows in self.row_adapters:
                 if name in self.modules_to_save:
@@ -199,11 +227,14 @@ def _require(model: nn.Module, name: str):
 
 
 def delete_adapter(model: nn.Module, name: str):
-    """Remove adapter `name` from every layer (unmerging it first if merged)."""
+    """Remove adapter `name` from every layer (unmerging it first if merged). A PiSSA adapter
+    also gives back the principal part it took out of the base weights."""
     _require(model, name)
     for module in _routed(model):
         if isinstance(module, LoraLayer) and name in module.merged_adapters:
             module.unmerge()
+    _restore_pissa_base(model, name)
+    for module in _routed(model):
         for container in ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector", "lora_embedding_A",
                           "lora_embedding_B", "modules_to_save"):
             if hasattr(module, container) and name in getattr(module, container):
@@ -214,6 +245,15 @@ def delete_adapter(model: nn.Module, name: str):
     del model.lora_configs[name]
 
 
+def _restore_pissa_base(model: nn.Module, name: str):
+    """PiSSA left W - s B0 A0 in the base; add s B0 A0 back (B0, A0: the factors at attach time)."""
+    initial = getattr(model, "lora_initial_factors", {}).pop(name, {})
+    layers = dict(lora_layers(model))
+    for module_name, (A0, B0) in initial.items():
+        layer = layers[module_name]
+        layer._add_to_weight((B0.float() @ A0.float()) * layer.scaling[name])
+
+
 # --- which adapter runs -----------------------------------------------------------------------
 def set_adapter(model: nn.Module, names: str | list[str]):
     """Make `names` the active adapter(s) and the only trainable parameters."""
@@ -221,6 +261,8 @@ def set_adapter(model: nn.Module, names: str | list[str]):
     for name in names:
         _require(model, name)
     for module in _routed(model):
+        if isinstance(module, LoraLayer) and set(module.merged_adapters) - set(names):
+            module.unmerge()  # an adapter switched off must leave the weights too
         module.active_adapters = list(names)
     set_trainable(model, names)
 
@@ -235,8 +277,10 @@ def active_adapters(model: nn.Module) -> list[str]:
 def disabled(model: nn.Module):
     """Run the base model: every adapter off (merged ones are unmerged first)."""
     modules = list(_routed(model))
+    merged = {}
     for module in modules:
         if isinstance(module, LoraLayer) and module.merged:
+            merged[module] = list(module.merged_adapters)
             module.unmerge()
         module.disabled = True
     try:
@@ -244,6 +288,8 @@ def disabled(model: nn.Module):
     finally:
         for module in modules:
             module.disabled = False
+        for module, names in merged.items():  # merged adapters are merged again, as before
+            module.merge(names)
 
 
 @contextmanager
@@ -340,11 +386,16 @@ def merge_and_unload(model: nn.Module, names: list[str] | None = None) -> nn.Mod
         elif isinstance(module, ModulesToSave):
             chosen = [n for n in names if n in module.modules_to_save]
             _set_submodule(model, name, module.modules_to_save[chosen[-1]] if chosen else module.original_module)
-    if hasattr(model, "lora_configs"):
-        del model.lora_configs
+    _forget_adapters(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _forget_adapters(model: nn.Module):
+    for attribute in ("lora_configs", "lora_initial_factors"):
+        if hasattr(model, attribute):
+            delattr(model, attribute)
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -357,6 +408,7 @@ def unload(model: nn.Module) -> nn.Module:
             _set_submodule(model, name, module.base_layer)
         elif isinstance(module, ModulesToSave):
             _set_submodule(model, name, module.original_module)
+    _forget_adapters(model)
     return model
 
 
@@ -379,7 +431,11 @@ def combine(model: nn.Module, names: list[str], weights: list[float], new_name: 
         if not parts:
             continue
         if method == "cat":
-            factors[module_name] = concat_factors(parts)
+            A, B = concat_factors(parts)
+            smaller_side = min(A.shape[1], B.shape[0])
+            if A.shape[0] > smaller_side:  # more rank than the layer has: the same update, re-factored
+                A, B = svd_factors(B @ A, smaller_side)[:2]
+            factors[module_name] = A, B
         else:
             delta = sum(B.float() @ A.float() * coef for A, B, coef in parts)
             factors[module_name] = svd_factors(delta, rank)[:2]

@@ -202,7 +202,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
 
 def _looks_like_path(name: str) -> bool:
     """Hub ids are 'name' or 'owner/name'; anything else is meant as a filesystem path."""
-    return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
 
 
 def _download_from_hub(repo_id: str) -> str:

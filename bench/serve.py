@@ -1,0 +1,226 @@
+"""Benchmark multi-adapter serving (not a test). Prints a markdown table.
+
+On the embedded SmolLM2-135M-Instruct, N concurrent requests (prompt ~P tokens, T new tokens,
+all arriving at once) are served by the loraforge engine, spread over 1, 8 and N distinct
+adapters (random rank-8 adapters on every linear layer), and compared within one run against:
+
+  engine, base only       the same engine, no adapter in any row
+  PEFT, switching         what one writes without a server: transformers `generate` on a PEFT
+                          model, `set_adapter` per request, one request at a time
+  HF generate, bare base  transformers' own batched `generate` on the base model (no adapters)
+
+Columns: throughput (generated tokens / wall time), time to first token (mean over requests,
+from the moment all requests were submitted) and per-token latency (mean over requests of the
+time between their tokens). Adapters are loaded into the engine before timing (warm cache).
+
+    .venv/bin/python bench/serve.py                          # 64 requests, 64 new tokens
+    .venv/bin/python bench/serve.py --requests 16 --new-tokens 16 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loraforge.config import LoraConfig
+from loraforge.io import save_adapter
+from loraforge.model import attach, unload
+from loraforge.models import DEFAULT_MODEL, load_model, load_tokenizer
+from loraforge.serve.adapters import AdapterRegistry
+from loraforge.serve.api import preload
+from loraforge.serve.engine import Engine, GenerationRequest, SamplingParams
+
+TEXT = ("Low-rank adaptation trains two small matrices instead of the full weight. The quick brown fox jumps "
+        "over the lazy dog while the model answers questions about capitals, translations, haiku and sums. ")
+
+
+@dataclass
+class Result:
+    name: str
+    tokens: int
+    seconds: float
+    ttft: float  # mean seconds
+    per_token: float  # mean seconds between tokens of one request
+
+    @property
+    def throughput(self) -> float:
+        return self.tokens / self.seconds
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--requests", type=int, default=64, help="concurrent requests")
+    p.add_argument("--new-tokens", dest="new_tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", dest="prompt_tokens", type=int, default=64)
+    p.add_argument("--adapters", default="1,8,all", help="distinct adapter counts ('all' = one per request)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--skip-peft", action="store_true", help="skip the PEFT switching baseline (slowest)")
+    return p.parse_args(argv)
+
+
+def make_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
+    """n distinct prompts of exactly `length` tokens."""
+    prompts = []
+    for i in range(n):
+        ids = tokenizer(f"Request {i}: " + TEXT * (length // 8 + 2))["input_ids"]
+        prompts.append(ids[:length])
+    return prompts
+
+
+def make_adapters(model, n: int, rank: int, out: Path) -> list[Path]:
+    """n random rank-`rank` adapters on every linear layer, saved with loraforge (B random)."""
+    paths = []
+    for i in range(n):
+        attach(model, LoraConfig(r=rank, alpha=2.0 * rank, target_modules="all-linear"), "bench", activate=False)
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_B.bench" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+        paths.append(save_adapter(model, out / f"adapter{i:03d}", "bench"))
+        unload(model)
+    return paths
+
+
+# --- the loraforge engine ----------------------------------------------------------------------
+def run_engine(engine: Engine, prompts, names: list[str | None], new_tokens: int, label: str) -> Result:
+    for name in sorted({n for n in names if n}):  # warm adapter cache: loads are not timed
+        engine.call(lambda n=name: preload(engine, n)).result()
+    stamps: dict[int, list[float]] = {}
+    engine.on_token = lambda seq, now: stamps.setdefault(seq.id, []).append(now)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    seqs = [engine.submit(GenerationRequest(p, n, params), lambda ev: None) for p, n in zip(prompts, names)]
+    while engine.busy:
+        engine.step()
+    seconds = time.perf_counter() - start
+    engine.on_token = None
+    return summarize(label, [stamps[s.id] for s in seqs], start, seconds)
+
+
+def summarize(label: str, stamps: list[list[float]], start: float, seconds: float) -> Result:
+    tokens = sum(len(s) for s in stamps)
+    ttft = sum(s[0] - start for s in stamps) / len(stamps)
+    gaps = [(s[-1] - s[0]) / (len(s) - 1) for s in stamps if len(s) > 1]
+    return Result(label, tokens, seconds, ttft, sum(gaps) / max(1, len(gaps)))
+
+
+# --- baselines -------------------------------------------------------------------------------------
+class FirstCall:
+    """A logits processor that records when generate produced each token."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def generate_fixed(model, ids: torch.Tensor, new_tokens: int, pad_id: int) -> list[float]:
+    from transformers import LogitsProcessorList
+
+    clock = FirstCall()
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id,
+                   logits_processor=LogitsProcessorList([clock]))
+    return clock.times
+
+
+def run_peft(model_name: str, paths: list[Path], prompts, names: list[str], new_tokens: int, pad_id: int) -> Result:
+    from peft import PeftModel
+
+    where = {p.name: str(p) for p in paths}
+    used = sorted(set(names))
+    model = PeftModel.from_pretrained(load_model(model_name, dtype="float32", device="cpu"), where[used[0]],
+                                      adapter_name=used[0])
+    for name in used[1:]:
+        model.load_adapter(where[name], adapter_name=name)
+    model.eval()
+    generate_fixed(model, torch.tensor([prompts[0]]), 2, pad_id)  # warm-up
+    start, stamps = time.perf_counter(), []
+    with torch.inference_mode():
+        for prompt, name in zip(prompts, names):
+            model.set_adapter(name)
+            stamps.append(generate_fixed(model, torch.tensor([prompt]), new_tokens, pad_id))
+    return summarize("PEFT generate, set_adapter per request (one at a time)", stamps, start,
+                     time.perf_counter() - start)
+
+
+def run_hf_batched(model, prompts, new_tokens: int, pad_id: int) -> Result:
+    ids = torch.tensor(prompts)  # equal lengths: no padding needed
+    generate_fixed(model, ids[:2, :8], 2, pad_id)  # warm-up
+    start = time.perf_counter()
+    with torch.inference_mode():
+        times = generate_fixed(model, ids, new_tokens, pad_id)
+    seconds = time.perf_counter() - start
+    return summarize("transformers batched generate, bare base", [times] * len(prompts), start, seconds)
+
+
+# --- report -----------------------------------------------------------------------------------------
+def table(results: list[Result], base: Result, args) -> str:
+    lines = [f"{args.requests} concurrent requests, {args.prompt_tokens} prompt tokens, {args.new_tokens} new "
+             f"tokens, rank-{args.rank} adapters on all linear layers, {torch.get_num_threads()} threads\n",
+             "| setup | tokens/s | vs base-only engine | time to first token (s) | per-token latency (ms) |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        lines.append(f"| {r.name} | {r.throughput:.1f} | {r.throughput / base.throughput:.2f}x | {r.ttft:.2f} | "
+                     f"{r.per_token * 1000:.1f} |")
+    return "\n".join(lines)
+
+
+def targets(results: dict[str, Result]) -> str:
+    base, lines = results["base"], []
+    many, one = results.get("many"), results.get("one")
+    if many:
+        lines.append(f"- distinct adapters vs base-only throughput: {many.throughput / base.throughput:.2f}x "
+                     f"(target >= 0.9x)")
+        if "peft" in results:
+            lines.append(f"- distinct adapters vs PEFT switching: {many.throughput / results['peft'].throughput:.1f}x "
+                         f"(target >= 10x)")
+        lines.append(f"- distinct adapters vs batched generate on the bare base: "
+                     f"{many.throughput / results['hf'].throughput:.2f}x (target >= 2x)")
+    if one:
+        lines.append(f"- per-token overhead of one unmerged adapter: "
+                     f"{100 * (one.per_token / base.per_token - 1):+.1f}% (target <= 3%)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype="float32", device="cpu")
+    prompts = make_prompts(tokenizer, args.requests, args.prompt_tokens)
+    counts = [args.requests if c == "all" else int(c) for c in args.adapters.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_adapters(model, max(counts), args.rank, Path(tmp))
+        hf = run_hf_batched(model, prompts, args.new_tokens, tokenizer.pad_token_id)  # before the engine wraps layers
+        engine = Engine(model, tokenizer, AdapterRegistry(tmp), max_batch=args.requests, max_loaded=max(counts),
+                        max_queue=args.requests, prefill_tokens=args.requests * args.prompt_tokens)
+        run_engine(engine, prompts[:4], [None] * 4, 4, "warm-up")
+        runs = {"base": run_engine(engine, prompts, [None] * args.requests, args.new_tokens, "engine, base only")}
+        for count in counts:
+            names = [paths[i % count].name for i in range(args.requests)]
+            key = "one" if count == 1 else "many" if count == max(counts) else f"k{count}"
+            runs[key] = run_engine(engine, prompts, names, args.new_tokens, f"engine, {count} distinct adapter(s)")
+        runs["hf"] = hf
+        if not args.skip_peft:
+            names = [paths[i % max(counts)].name for i in range(args.requests)]
+            runs["peft"] = run_peft(args.model, paths, prompts, names, args.new_tokens, engine.pad_id)
+    print(table(list(runs.values()), runs["base"], args))
+    print()
+    print(targets(runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Adapters by name: where they live on disk (AdapterRegistry) and which sit in memory
+(AdapterCache, an LRU of kernel slots).
+
+An adapter name is a plain name: letters, digits, '.', '_' and '-', no '..', no separators.
+A name that is not plain is refused before any file system access. Adapters come from the
+subdirectories of the served directory, or are registered at run time from a path under one
+of the allowed roots (symlinks and '..' resolved first).
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from loraforge import LoraError
+from loraforge.config import LoraConfig
+from loraforge.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from loraforge.layers import LoraEmbedding, LoraLayer
+from loraforge.model import delete_adapter, lora_layers
+from loraforge.serve.kernel import MultiLoraKernel
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,127}")
+SCRATCH = "serve-loading"  # the name an adapter has on the model while its factors are read
+
+
+class BadAdapterName(LoraError):
+    """400: the name is not a plain adapter name."""
+
+
+class AdapterNotFound(LoraError):
+    """404: no adapter of that name."""
+
+
+class AdapterForbidden(LoraError):
+    """403: a runtime path outside the allowed roots."""
+
+
+class AdapterLoadFailed(LoraError):
+    """The adapter exists but cannot be served (corrupt file, another base model, DoRA...)."""
+
+
+def check_name(name: object) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
+        raise BadAdapterName(f"{name!r} is not a plain adapter name (letters, digits, '.', '_', '-'; no paths)")
+    return name
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+class AdapterRegistry:
+    """Name -> adapter directory: the subdirectories of `root` plus runtime registrations."""
+
+    def __init__(self, root: str | Path | None, allowed_roots: list[str | Path] = ()):
+        self.root = Path(root).resolve() if root is not None else None
+        if self.root is not None and not self.root.is_dir():
+            raise LoraError(f"adapters directory {root} does not exist")
+        self.allowed = [Path(p).resolve() for p in allowed_roots]
+        self.runtime: dict[str, Path] = {}
+        self.lock = threading.Lock()
+
+    def available(self) -> dict[str, Path]:
+        """Every servable adapter: {name: resolved directory}, sorted by name."""
+        found = {}
+        if self.root is not None:
+            for child in self.root.iterdir():
+                resolved = child.resolve()
+                if NAME_RE.fullmatch(child.name) and _inside(resolved, self.root) and is_adapter_dir(resolved):
+                    found[child.name] = resolved
+        with self.lock:
+            found.update(self.runtime)
+        return dict(sorted(found.items()))
+
+    def path_of(self, name: str) -> Path:
+        """The directory of adapter `name` (BadAdapterName, AdapterNotFound)."""
+        check_name(name)
+        with self.lock:
+            if name in self.runtime:
+                return self.runtime[name]
+        if self.root is not None:
+            path = (self.root / name).resolve()
+            if not _inside(path, self.root):
+                raise BadAdapterName(f"adapter {name!r} resolves outside the adapters directory")
+            if is_adapter_dir(path):
+                return path
+        raise AdapterNotFound(f"the model '{name}' does not exist")
+
+    def is_runtime(self, name: str) -> bool:
+        with self.lock:
+            return name in self.runtime
+
+    def register(self, name: str, path: str) -> Path:
+        """Add a runtime adapter from `path`, which must resolve under an allowed root."""
+        check_name(name)
+        if not isinstance(path, str) or not path:
+            raise BadAdapterName("lora_path must be a non-empty string")
+        resolved = Path(path).expanduser().resolve()
+        if not any(_inside(resolved, root) for root in self.allowed):
+            raise AdapterForbidden(f"lora_path {path} is outside the allowed roots (start the server with "
+                                   f"--allow-root to permit a directory)")
+        if not is_adapter_dir(resolved):
+            raise BadAdapterName(f"lora_path {path} holds no adapter ({CONFIG_NAME} + {WEIGHTS_NAME})")
+        taken = set(self.available())
+        with self.lock:
+            if name in self.runtime or name in taken:
+                raise BadAdapterName(f"an adapter named '{name}' is already being served")
+            self.runtime[name] = resolved
+        return resolved
+
+    def unregister(self, name: str):
+        check_name(name)
+        with self.lock:
+            if name in self.runtime:
+                del self.runtime[name]
+                return
+        if name in self.available():
+            raise BadAdapterName(f"adapter '{name}' is served from the adapters directory; remove its "
+                                 f"directory instead of unloading it")
+        raise AdapterNotFound(f"the model '{name}' does not exist")
+
+
+@dataclass
+class Loaded:
+    slot: int
+    path: Path
+    rank: int
+
+
+class AdapterCache:
+    """At most `kernel.capacity` adapters in kernel slots, least recently used evicted first.
+    An adapter pinned by a running request is never evicted. Engine thread only."""
+
+    def __init__(self, model: nn.Module, kernel: MultiLoraKernel, registry: AdapterRegistry):
+        self.model, self.kernel, self.registry = model, kernel, registry
+        self.loaded: OrderedDict[str, Loaded] = OrderedDict()
+        self.pins: Counter = Counter()
+        self.retired: set[str] = set()  # unloaded while running: evicted when unpinned
+        self.loads = self.evictions = 0
+
+    def acquire(self, name: str) -> int | None:
+        """Pin adapter `name` and return its slot, loading it if needed; None when every slot
+        is pinned (try again later). Raises AdapterNotFound / AdapterLoadFailed."""
+        path = self.registry.path_of(name)
+        entry = self.loaded.get(name)
+        if entry is not None and entry.path != path:  # re-registered elsewhere: reload when free
+            if self.pins[name]:
+                return None
+            self.evict(name)
+            entry = None
+        if entry is None:
+            slot = self._free_slot()
+            if slot is None:
+                return None
+            entry = self._load(name, path, slot)
+        self.loaded.move_to_end(name)
+        self.retired.discard(name)
+        self.pins[name] += 1
+        return entry.slot
+
+    def release(self, name: str):
+        self.pins[name] -= 1
+        if self.pins[name] <= 0:
+            del self.pins[name]
+            if name in self.retired:
+                self.retire(name)
+
+    def retire(self, name: str):
+        """Drop `name` from memory now, or when its last running request finishes."""
+        self.retired.discard(name)
+        if name in self.loaded and not self.evict(name):
+            self.retired.add(name)
+
+    def evict(self, name: str) -> bool:
+        """Free the slot of `name` unless a running request pins it."""
+        if name not in self.loaded or self.pins[name]:
+            return False
+        self.kernel.clear_slot(self.loaded.pop(name).slot)
+        self.evictions += 1
+        return True
+
+    def _free_slot(self) -> int | None:
+        used = {e.slot for e in self.loaded.values()}
+        free = [s for s in range(1, self.kernel.capacity + 1) if s not in used]
+        if free:
+            return free[0]
+        for name in list(self.loaded):  # least recently used first
+            if not self.pins[name]:
+                slot = self.loaded[name].slot
+                self.evict(name)
+                return slot
+        return None
+
+    def _load(self, name: str, path: Path, slot: int) -> Loaded:
+        try:
+            factors = read_factors(self.model, path)
+        except LoraError as err:
+            raise AdapterLoadFailed(f"adapter '{name}' cannot be loaded: {err}") from None
+        except Exception as err:  # noqa: BLE001 - a broken file must fail its own requests only
+            raise AdapterLoadFailed(f"adapter '{name}' cannot be loaded: {type(err).__name__}: {err}") from None
+        self.kernel.set_slot(slot, factors)
+        self.loads += 1
+        entry = Loaded(slot, path, max((A.shape[0] for A, _, _ in factors.values()), default=0))
+        self.loaded[name] = entry
+        return entry
+
+
+def peek_config(path: Path) -> LoraConfig:
+    """The adapter's config, refusing what the batched kernel cannot serve unmerged."""
+    try:
+        data = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, ValueError) as err:
+        raise LoraError(f"{path / CONFIG_NAME}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise LoraError(f"{path / CONFIG_NAME}: expected a JSON object")
+    config = LoraConfig.from_peft(data, where=str(path / CONFIG_NAME))
+    if config.use_dora:
+        raise LoraError("DoRA adapters are not served unmerged; serve it alone with --merge")
+    if config.modules_to_save:
+        raise LoraError("adapters with modules_to_save are not served unmerged; serve it alone with --merge")
+    return config
+
+
+@torch.no_grad()
+def read_factors(model: nn.Module, path: Path) -> dict[LoraLayer, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{layer: (A, B, scaling)} of the adapter at `path`, checked against `model` by
+    loraforge's own loader. The adapter is attached under a scratch name, read, then removed:
+    the model keeps only (empty) LoRA wrappers, whose router serves the stacked factors."""
+    peek_config(path)
+    load_adapter(model, path, SCRATCH, activate=False)
+    try:
+        factors = {}
+        for module_name, layer in lora_layers(model):
+            if SCRATCH not in layer.r:
+                continue
+            if isinstance(layer, LoraEmbedding):
+                raise LoraError(f"LoRA on embeddings ({module_name}) is not served unmerged; use --merge")
+            A, B = layer.factors(SCRATCH)
+            factors[layer] = (A.detach().clone(), B.detach().clone(), layer.scaling[SCRATCH])
+        return factors
+    finally:
+        delete_adapter(model, SCRATCH)

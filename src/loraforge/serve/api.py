@@ -1,0 +1,392 @@
+"""The HTTP API (FastAPI): OpenAI's completions, chat completions and models endpoints, vLLM's
+runtime adapter endpoints, /health and Prometheus /metrics.
+
+Requests turn into engine submissions; the engine thread sends Events back through an asyncio
+queue per request. Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from loraforge import LoraError
+from loraforge.serve import protocol as P
+from loraforge.serve.adapters import (AdapterForbidden, AdapterLoadFailed, AdapterNotFound, AdapterRegistry,
+                                      BadAdapterName)
+from loraforge.serve.engine import Engine, Event, GenerationRequest, QueueFull, SamplingParams, Sequence
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 429: "rate_limit_error",
+               500: "server_error", 503: "service_unavailable"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+def error_response(status: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+    body = P.error_body(message, ERROR_TYPES.get(status, "invalid_request_error"), code, param)
+    return JSONResponse(body, status_code=status)
+
+
+def as_api_error(err: LoraError) -> ApiError:
+    """The HTTP status of a loraforge error."""
+    if isinstance(err, AdapterNotFound):
+        return ApiError(404, str(err), "model_not_found", "model")
+    if isinstance(err, AdapterForbidden):
+        return ApiError(403, str(err), "path_not_allowed", "lora_path")
+    if isinstance(err, QueueFull):
+        return ApiError(429, str(err), "queue_full")
+    if isinstance(err, AdapterLoadFailed):
+        return ApiError(400, str(err), "adapter_load_failed", "model")
+    if isinstance(err, BadAdapterName):
+        return ApiError(400, str(err), "invalid_model", "model")
+    return ApiError(400, str(err))
+
+
+@dataclass
+class ServeState:
+    """What the routes need: the engine, the adapter registry and the served names."""
+
+    engine: Engine
+    registry: AdapterRegistry | None
+    base_name: str  # the name clients use for the base model (or for the merged model)
+    base_root: str  # where the base model came from (/v1/models `root`)
+    merged: bool = False  # an adapter is folded into the base: only base_name is served
+
+
+# --- events from the engine thread --------------------------------------------------------------
+class EventStream:
+    """An asyncio queue fed from the engine thread."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def sink(self, event: Event):
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+            pass
+
+    async def get(self) -> Event:
+        return await self.queue.get()
+
+
+class SSEResponse(StreamingResponse):
+    """A text/event-stream response that always watches for the client going away and then
+    calls `on_disconnect` (frees the request's batch row) and stops streaming."""
+
+    def __init__(self, content: AsyncIterator[str], on_disconnect):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_disconnect = on_disconnect
+
+    async def __call__(self, scope, receive, send):
+        async with anyio.create_task_group() as group:
+            async def watch():
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                self.on_disconnect()
+                group.cancel_scope.cancel()
+
+            group.start_soon(watch)
+            try:
+                await self.stream_response(send)
+            except OSError:  # the connection broke while sending
+                self.on_disconnect()
+            group.cancel_scope.cancel()
+
+
+def sse(obj) -> str:
+    import json
+
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class ApiKeyMiddleware:
+    """401 on /v1/* without `Authorization: Bearer <key>` (checked before the body is read)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and not self._allowed(scope):
+            response = error_response(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                                      "invalid_api_key")
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _allowed(self, scope) -> bool:
+        headers = dict(scope.get("headers") or [])
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+
+
+# --- the app ------------------------------------------------------------------------------------
+def create_app(state: ServeState, api_key: str | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if state.engine.thread is None:
+            state.engine.start()
+        yield
+        await asyncio.to_thread(state.engine.stop)
+
+    app = FastAPI(title="loraforge serve", lifespan=lifespan)
+    app.state.serve = state
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, key=api_key)
+    _add_error_handlers(app)
+    _add_info_routes(app, state)
+    _add_generation_routes(app, state)
+    _add_adapter_routes(app, state)
+    return app
+
+
+def _add_error_handlers(app: FastAPI):
+    @app.exception_handler(ApiError)
+    async def api_error(_, err: ApiError):
+        return error_response(err.status, err.message, err.code, err.param)
+
+    @app.exception_handler(LoraError)
+    async def lora_error(_, err: LoraError):
+        e = as_api_error(err)
+        return error_response(e.status, e.message, e.code, e.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(_, err: RequestValidationError):
+        return error_response(400, *describe_validation(err.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, err: StarletteHTTPException):
+        return error_response(err.status_code, str(err.detail))
+
+
+def describe_validation(errors: list[dict]) -> tuple[str, str, str | None]:
+    """(message, code, param) for the first body validation error."""
+    first = errors[0] if errors else {"msg": "invalid request body", "loc": ()}
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", "invalid_json", None
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = loc[0] if loc else None
+    where = ".".join(loc) or "body"
+    return f"{where}: {first.get('msg', 'invalid value')}", "invalid_request", param
+
+
+def _add_info_routes(app: FastAPI, state: ServeState):
+    @app.get("/health")
+    async def health():
+        alive = state.engine.thread is not None and state.engine.thread.is_alive()
+        return JSONResponse({"status": "ok" if alive else "stopped"}, status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        context = state.engine.context
+        cards = [P.model_card(state.base_name, state.base_root, None, context)]
+        if state.registry is not None and not state.merged:
+            adapters = await asyncio.to_thread(state.registry.available)
+            cards += [P.model_card(name, str(path), state.base_name, context) for name, path in adapters.items()]
+        return {"object": "list", "data": cards}
+
+
+# --- generation -----------------------------------------------------------------------------------
+def _add_generation_routes(app: FastAPI, state: ServeState):
+    @app.post("/v1/completions")
+    async def completions(body: P.CompletionRequest, request: Request):
+        prompt = completion_prompt(state, body.prompt)
+        return await generate(state, request, body, prompt, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: P.ChatRequest, request: Request):
+        prompt = chat_prompt(state, body.messages)
+        return await generate(state, request, body, prompt, chat=True)
+
+
+def completion_prompt(state: ServeState, prompt) -> list[int]:
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        if len(prompt) != 1:
+            raise ApiError(400, "only one prompt per request is supported", "invalid_prompt", "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return state.engine.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    vocab = state.engine.model.config.vocab_size
+    if any(not 0 <= t < vocab for t in prompt):
+        raise ApiError(400, f"prompt token ids must be in [0, {vocab})", "invalid_prompt", "prompt")
+    return list(prompt)
+
+
+def chat_prompt(state: ServeState, messages: list[P.ChatMessage]) -> list[int]:
+    tokenizer = state.engine.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", "no_chat_template")
+    turns = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    except Exception as err:  # noqa: BLE001 - template errors (e.g. unsupported roles) are the client's
+        raise ApiError(400, f"cannot apply the chat template: {err}", "invalid_messages", "messages") from None
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def resolve_model(state: ServeState, name: str) -> str | None:
+    """The adapter a request's `model` names (None: the base model)."""
+    if name == state.base_name:
+        return None
+    if state.merged or state.registry is None:
+        raise ApiError(404, f"the model '{name}' does not exist; this server serves '{state.base_name}'",
+                       "model_not_found", "model")
+    state.registry.path_of(name)  # BadAdapterName -> 400, AdapterNotFound -> 404
+    return name
+
+
+def sampling_params(state: ServeState, body: P._Sampling, n_prompt: int, chat: bool) -> SamplingParams:
+    if body.n != 1:
+        raise ApiError(400, "n must be 1: one choice per request", "invalid_n", "n")
+    context = state.engine.context
+    if n_prompt == 0:
+        raise ApiError(400, "the prompt is empty", "invalid_prompt", "prompt")
+    if n_prompt >= context:
+        raise ApiError(400, f"this model's maximum context length is {context} tokens, but the prompt has "
+                            f"{n_prompt} tokens", "context_length_exceeded", "prompt")
+    max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
+    if max_tokens is None:
+        max_tokens = context - n_prompt if chat else min(16, context - n_prompt)
+    if n_prompt + max_tokens > context:
+        raise ApiError(400, f"this model's maximum context length is {context} tokens; the prompt ({n_prompt}) "
+                            f"plus max_tokens ({max_tokens}) exceeds it", "context_length_exceeded", "max_tokens")
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                          stop=body.stop_list(), seed=body.seed, ignore_eos=body.ignore_eos)
+
+
+async def generate(state: ServeState, request: Request, body: P._Sampling, prompt: list[int], chat: bool):
+    adapter = await asyncio.to_thread(resolve_model, state, body.model)
+    params = sampling_params(state, body, len(prompt), chat)
+    stream = EventStream()
+    seq = state.engine.submit(GenerationRequest(prompt, adapter, params), stream.sink)  # QueueFull: 429
+    first = await first_event(request, stream, state.engine, seq)
+    rid = P.new_id("chatcmpl" if chat else "cmpl")
+    if body.stream:
+        chunks = chat_sse(stream, first, rid, body) if chat else completion_sse(stream, first, rid, body)
+        return SSEResponse(_cancel_at_end(chunks, state.engine, seq), lambda: state.engine.cancel(seq))
+    text, last = await collect(request, stream, state.engine, seq, first)
+    use = P.usage(last.prompt_tokens, last.completion_tokens)
+    if chat:
+        return P.chat_completion(rid, body.model, text, last.finish_reason, use)
+    return P.completion(rid, body.model, text, last.finish_reason, use)
+
+
+async def next_event(request: Request, stream: EventStream, engine: Engine, seq: Sequence) -> Event:
+    """The next event; cancels the request when the client disconnects while waiting."""
+    while True:
+        try:
+            return await asyncio.wait_for(stream.get(), timeout=1.0)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                engine.cancel(seq)
+                raise ApiError(499, "client closed the request") from None
+
+
+async def first_event(request: Request, stream: EventStream, engine: Engine, seq: Sequence) -> Event:
+    """Wait for the first event, so that a request that fails before its first token (e.g. its
+    adapter cannot be loaded) gets a proper HTTP error even when it asked for a stream."""
+    event = await next_event(request, stream, engine, seq)
+    if event.kind == "error":
+        err = event.error
+        raise as_api_error(err) if isinstance(err, LoraError) else ApiError(500, str(err))
+    return event
+
+
+async def collect(request, stream, engine, seq, event: Event) -> tuple[str, Event]:
+    parts = []
+    while event.kind == "delta":
+        parts.append(event.text)
+        event = await next_event(request, stream, engine, seq)
+    if event.kind == "error":
+        raise ApiError(500, str(event.error), "generation_failed")
+    return "".join(parts), event
+
+
+async def _cancel_at_end(chunks: AsyncIterator[str], engine: Engine, seq: Sequence) -> AsyncIterator[str]:
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        engine.cancel(seq)  # a no-op when it finished; frees the row when the client left
+
+
+async def completion_sse(stream: EventStream, event: Event, rid: str, body: P._Sampling) -> AsyncIterator[str]:
+    while event.kind == "delta":
+        yield sse(P.completion(rid, body.model, event.text, None, None))
+        event = await stream.get()
+    if event.kind == "error":
+        yield sse(P.error_body(str(event.error), "server_error", "generation_failed"))
+        return
+    yield sse(P.completion(rid, body.model, "", event.finish_reason, None))
+    if body.include_usage():
+        use = P.usage(event.prompt_tokens, event.completion_tokens)
+        yield sse(P.usage_chunk(rid, body.model, "text_completion", use))
+    yield "data: [DONE]\n\n"
+
+
+async def chat_sse(stream: EventStream, event: Event, rid: str, body: P._Sampling) -> AsyncIterator[str]:
+    yield sse(P.chat_chunk(rid, body.model, {"role": "assistant", "content": ""}, None))
+    while event.kind == "delta":
+        yield sse(P.chat_chunk(rid, body.model, {"content": event.text}, None))
+        event = await stream.get()
+    if event.kind == "error":
+        yield sse(P.error_body(str(event.error), "server_error", "generation_failed"))
+        return
+    yield sse(P.chat_chunk(rid, body.model, {}, event.finish_reason))
+    if body.include_usage():
+        use = P.usage(event.prompt_tokens, event.completion_tokens)
+        yield sse(P.usage_chunk(rid, body.model, "chat.completion.chunk", use))
+    yield "data: [DONE]\n\n"
+
+
+# --- runtime adapters (vLLM's endpoints) ------------------------------------------------------------
+def _add_adapter_routes(app: FastAPI, state: ServeState):
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora(body: P.LoadLoraRequest):
+        _check_runtime_adapters(state, body.lora_name)
+        await asyncio.to_thread(state.registry.register, body.lora_name, body.lora_path)
+        try:  # load it now, so that a broken adapter is refused here rather than on first use
+            await asyncio.wrap_future(state.engine.call(lambda: preload(state.engine, body.lora_name)))
+        except LoraError:
+            state.registry.unregister(body.lora_name)
+            raise
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora(body: P.UnloadLoraRequest):
+        _check_runtime_adapters(state, body.lora_name)
+        await asyncio.to_thread(state.registry.unregister, body.lora_name)
+        await asyncio.wrap_future(state.engine.call(lambda: state.engine.adapters.retire(body.lora_name)))
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+def _check_runtime_adapters(state: ServeState, name: str):
+    if state.merged or state.registry is None or state.engine.adapters is None:
+        raise ApiError(400, "this server serves one merged model; runtime adapters are disabled", "adapters_disabled")
+    if name == state.base_name:
+        raise ApiError(400, f"'{name}' is the base model's name", "invalid_model", "lora_name")
+
+
+def preload(engine: Engine, name: str):
+    """Engine thread: bring adapter `name` into a slot now (if one is free of running requests)."""
+    if engine.adapters.acquire(name) is not None:
+        engine.adapters.release(name)

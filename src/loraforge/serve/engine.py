@@ -1,0 +1,474 @@
+"""The serving engine: one base model, many adapters, continuous batching.
+
+A background thread owns the model. Each step it (1) runs queued tasks (adapter load/unload),
+(2) admits waiting requests while the batch has room and their adapter has (or gets) a kernel
+slot, (3) prefills the admitted prompts (left-padded, in chunks of at most `prefill_tokens`)
+and samples their first token, then (4) runs one decode step for every running sequence, each
+row with its own adapter (serve.kernel) and its own KV rows (serve.kvcache). Finished or
+cancelled sequences leave between steps; new ones join. Other threads talk to it through
+`submit`, `cancel` and `call`; results come back as Events through each request's sink.
+"""
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import random
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from loraforge import LoraError
+from loraforge.model import lora_layers
+from loraforge.serve.adapters import AdapterCache, AdapterRegistry
+from loraforge.serve.kernel import MultiLoraKernel
+from loraforge.serve.kvcache import BatchCache, empty_batch, new_cache
+from loraforge.serve.metrics import ServeMetrics
+
+log = logging.getLogger("loraforge.serve")
+
+
+class QueueFull(LoraError):
+    """429: the waiting queue is full."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    adapter: str | None = None  # None: the base model
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class Event:
+    """What a request's sink receives: text deltas, then one `done` or `error`."""
+
+    kind: str  # "delta" | "done" | "error"
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: Exception | None = None
+
+
+Sink = Callable[[Event], None]
+
+
+class Sequence:
+    """One request inside the engine."""
+
+    _ids = itertools.count()
+
+    def __init__(self, request: GenerationRequest, sink: Sink):
+        self.id = next(self._ids)
+        self.request, self.sink, self.params = request, sink, request.params
+        self.prompt = list(request.prompt_ids)
+        self.generated: list[int] = []
+        self.text_ids: list[int] = []  # generated ids that count as text (not eos)
+        self.sent = 0  # characters of decoded text already sent
+        self.slot = 0
+        self.pinned = False
+        self.cancelled = False
+        self.finished = False
+        self.arrival = time.perf_counter()
+        self.last_token_at: float | None = None
+        seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
+        self.generator = torch.Generator().manual_seed(seed)
+
+
+class Engine:
+    def __init__(self, model: nn.Module, tokenizer, registry: AdapterRegistry | None = None, max_batch: int = 16,
+                 max_loaded: int = 8, max_queue: int = 256, prefill_tokens: int = 4096,
+                 metrics: ServeMetrics | None = None):
+        if max_batch < 1 or max_queue < 0:
+            raise LoraError("max_batch must be >= 1 and max_queue >= 0")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
+        self.metrics = metrics or ServeMetrics()
+        self.device = next(model.parameters()).device
+        self.context = context_length(model)
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.pad_id = pad_token_id(tokenizer, self.eos_ids)
+        self.kernel = MultiLoraKernel(max_loaded)
+        self.kernel.install([layer for _, layer in lora_layers(model)])
+        self.adapters = AdapterCache(model, self.kernel, registry) if registry is not None else None
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        new_cache(model.config)  # refuses unsupported cache layouts early
+        self.batch = empty_batch(model.config, self.device)
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.tasks: list[tuple[Callable, Future]] = []
+        self.cv = threading.Condition()
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+        self._counted = (0, 0)  # adapter loads / evictions already added to the metrics
+        self.on_token: Callable[[Sequence, float], None] | None = None  # per-token hook (benchmarks)
+
+    # --- the thread-safe surface ---------------------------------------------------------
+    def submit(self, request: GenerationRequest, sink: Sink) -> Sequence:
+        """Queue a request (QueueFull when the queue is full); events go to `sink`."""
+        if len(request.prompt_ids) == 0:
+            raise LoraError("the prompt is empty")
+        seq = Sequence(request, sink)
+        with self.cv:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            room = self.max_queue + max(0, self.max_batch - len(self.running))
+            if len(self.waiting) >= room:
+                self.metrics.rejected.inc()
+                raise QueueFull(f"the request queue is full ({len(self.waiting)} waiting); retry later")
+            self.waiting.append(seq)
+            self.metrics.queue_depth.set(len(self.waiting))
+            self.cv.notify()
+        return seq
+
+    def cancel(self, seq: Sequence):
+        """Stop generating for `seq` (its client went away): its batch row is freed next step."""
+        with self.cv:
+            seq.cancelled = True
+            self.cv.notify()
+
+    def call(self, fn: Callable) -> Future:
+        """Run fn() on the engine thread between steps; its result or exception lands in the Future."""
+        future: Future = Future()
+        with self.cv:
+            self.tasks.append((fn, future))
+            self.cv.notify()
+        if self.thread is None:  # not started (tests, tools): run here
+            self._run_tasks()
+        return future
+
+    def start(self) -> "Engine":
+        self.thread = threading.Thread(target=self._loop, name="loraforge-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0):
+        """Abort what is left (after the HTTP server drained its requests) and end the thread."""
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    @property
+    def busy(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    # --- the loop ------------------------------------------------------------------------
+    def _loop(self):
+        torch.set_grad_enabled(False)
+        while True:
+            with self.cv:
+                while not (self.tasks or self.waiting or self.running or self.stopping):
+                    self.cv.wait()
+                if self.stopping:
+                    break
+            try:
+                self.step()
+            except Exception as err:  # noqa: BLE001 - keep serving; fail only what was in flight
+                log.exception("engine step failed")
+                self._fail_all(LoraError(f"generation failed: {type(err).__name__}: {err}"))
+        self._run_tasks()
+        self._fail_all(LoraError("the server is shutting down"), reason="abort")
+
+    def step(self):
+        """One engine iteration: tasks, cancellations, admission + prefill, one decode step."""
+        self._run_tasks()
+        self._drop_cancelled()
+        admitted = self._admit()
+        for chunk in self._prefill_chunks(admitted):
+            self._prefill(chunk)
+        if self.running:
+            self._decode()
+        self._update_gauges()
+
+    def _run_tasks(self):
+        with self.cv:
+            tasks, self.tasks = self.tasks, []
+        for fn, future in tasks:
+            try:
+                with torch.no_grad():
+                    future.set_result(fn())
+            except Exception as err:  # noqa: BLE001 - handed to the caller
+                future.set_exception(err)
+
+    # --- admission -------------------------------------------------------------------------
+    def _admit(self) -> list[Sequence]:
+        with self.cv:
+            candidates = list(self.waiting)
+        admitted = []
+        for seq in candidates:
+            if len(self.running) + len(admitted) >= self.max_batch:
+                break
+            if seq.cancelled:
+                self._unqueue(seq)
+                self._finish(seq, reason="abort")
+            elif self._pin_adapter(seq):
+                self._unqueue(seq)
+                if not seq.finished:
+                    admitted.append(seq)
+        return admitted
+
+    def _unqueue(self, seq: Sequence):
+        with self.cv:
+            self.waiting.remove(seq)
+
+    def _pin_adapter(self, seq: Sequence) -> bool:
+        """Give seq its adapter slot; False when every slot is busy (it waits). A missing or
+        broken adapter finishes seq with an error (True: it leaves the queue)."""
+        name = seq.request.adapter
+        if name is None:
+            return True
+        if self.adapters is None:
+            self._finish(seq, error=LoraError(f"the model '{name}' does not exist"))
+            return True
+        try:
+            with torch.no_grad():
+                slot = self.adapters.acquire(name)
+        except LoraError as err:
+            self._finish(seq, error=err)
+            return True
+        if slot is None:
+            return False
+        seq.slot, seq.pinned = slot, True
+        return True
+
+    def _drop_cancelled(self):
+        for seq in [s for s in self.waiting if s.cancelled]:
+            self._unqueue(seq)
+            self._finish(seq, reason="abort")
+        keep = [i for i, s in enumerate(self.running) if not s.cancelled]
+        for seq in self.running:
+            if seq.cancelled:
+                self._finish(seq, reason="abort")
+        self._keep_rows(keep)
+
+    # --- forward passes ----------------------------------------------------------------------
+    def _prefill_chunks(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        """Split admitted sequences so that rows x longest prompt stays within the token budget."""
+        chunks, current = [], []
+        for seq in seqs:
+            width = max([len(s.prompt) for s in current] + [len(seq.prompt)])
+            if current and width * (len(current) + 1) > self.prefill_tokens:
+                chunks.append(current)
+                current = []
+            current.append(seq)
+        return chunks + ([current] if current else [])
+
+    def _prefill(self, seqs: list[Sequence]):
+        width = max(len(s.prompt) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):  # left padding: the last column is every prompt's end
+            ids[row, width - len(seq.prompt):] = torch.tensor(seq.prompt)
+            mask[row, width - len(seq.prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        part = BatchCache(new_cache(self.model.config), mask)
+        logits = self._forward(ids, mask, positions, part.cache, [s.slot for s in seqs])
+        for seq in seqs:
+            self.metrics.prompt_tokens.inc(len(seq.prompt))
+        keep = self._emit(seqs, logits)
+        part.keep(keep)
+        if keep:
+            self.batch.extend(part)
+            self.running = self.running + [seqs[i] for i in keep]
+
+    def _decode(self):
+        ids = torch.tensor([[s.generated[-1]] for s in self.running], dtype=torch.long, device=self.device)
+        mask = self.batch.step_mask()  # (B, T + 1)
+        slots = [s.slot for s in self.running]
+        logits = self._forward(ids, mask, self.batch.positions(), self.batch.cache, slots, reuse=True)
+        self.batch.after_step(mask)
+        self._keep_rows(self._emit(self.running, logits))
+
+    def _forward(self, ids, mask, positions, cache, slots: list[int], reuse: bool = False) -> torch.Tensor:
+        """One forward pass; returns the last position's logits as float32 (B, vocab)."""
+        self.kernel.set_rows(slots, reuse)
+        try:
+            with torch.inference_mode():
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                 logits_to_keep=1, **{self.cache_arg: cache})
+        finally:
+            self.kernel.reset_rows()
+        return out.logits[:, -1].float()
+
+    def _keep_rows(self, keep: list[int]):
+        if len(keep) != len(self.running):
+            self.batch.keep(keep)
+            self.running = [self.running[i] for i in keep]
+
+    # --- tokens -> text -> events --------------------------------------------------------------
+    def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """Sample one token per row, send text, finish rows that are done; returns rows to keep."""
+        tokens = sample(logits, seqs)
+        now = time.perf_counter()
+        keep = []
+        for row, (seq, token) in enumerate(zip(seqs, tokens)):
+            self._time_token(seq, now)
+            if self.on_token is not None:
+                self.on_token(seq, now)
+            if self._advance(seq, token):
+                keep.append(row)
+        self.metrics.generated_tokens.inc(len(seqs))
+        return keep
+
+    def _time_token(self, seq: Sequence, now: float):
+        if seq.last_token_at is None:
+            self.metrics.ttft.observe(now - seq.arrival)
+        else:
+            self.metrics.tpot.observe(now - seq.last_token_at)
+        seq.last_token_at = now
+
+    def _advance(self, seq: Sequence, token: int) -> bool:
+        """Add `token` to seq; send new text; False (and finish) when seq is done."""
+        seq.generated.append(token)
+        params = seq.params
+        if token in self.eos_ids and not params.ignore_eos:
+            self._send_text(seq, final=True)
+            return self._finish(seq, reason="stop")
+        seq.text_ids.append(token)
+        if not self._send_text(seq, final=False):
+            return self._finish(seq, reason="stop")
+        if len(seq.generated) >= params.max_tokens or len(seq.prompt) + len(seq.generated) >= self.context:
+            self._send_text(seq, final=True)
+            return self._finish(seq, reason="length")
+        return True
+
+    def _send_text(self, seq: Sequence, final: bool) -> bool:
+        """Send the decoded text not sent yet, holding back what may still become a stop string
+        or an incomplete character. Returns False when a stop string was found (text cut there)."""
+        text = self.tokenizer.decode(seq.text_ids, skip_special_tokens=True)
+        stop_at = find_stop(text, seq.params.stop, seq.sent)
+        if stop_at is not None:
+            text, final = text[:stop_at], True
+        end = len(text) if final else len(text) - held_back(text, seq.params.stop)
+        if end > seq.sent:
+            seq.sink(Event("delta", text=text[seq.sent:end]))
+            seq.sent = end
+        return stop_at is None
+
+    def _finish(self, seq: Sequence, reason: str | None = None, error: Exception | None = None) -> bool:
+        """Send the final event once and unpin the adapter. Returns False (row leaves)."""
+        if seq.finished:
+            return False
+        seq.finished = True
+        if seq.pinned and self.adapters is not None:
+            self.adapters.release(seq.request.adapter)
+            seq.pinned = False
+        model = seq.request.adapter or "base"
+        if error is not None:
+            self.metrics.requests.labels(model, "error").inc()
+            seq.sink(Event("error", error=error))
+        else:
+            self.metrics.requests.labels(model, reason).inc()
+            seq.sink(Event("done", finish_reason=reason, prompt_tokens=len(seq.prompt),
+                           completion_tokens=len(seq.generated)))
+        return False
+
+    def _fail_all(self, error: Exception, reason: str | None = None):
+        with self.cv:
+            waiting, self.waiting = self.waiting, []
+        for seq in waiting + self.running:
+            self._finish(seq, error=error)
+        self.running = []
+        self.batch = empty_batch(self.model.config, self.device)
+        self._update_gauges()
+
+    def _update_gauges(self):
+        self.metrics.queue_depth.set(len(self.waiting))
+        self.metrics.running.set(len(self.running))
+        if self.adapters is not None:
+            self.metrics.loaded_adapters.set(len(self.adapters.loaded))
+            loads, evictions = self.adapters.loads, self.adapters.evictions
+            self.metrics.adapter_loads.inc(loads - self._counted[0])
+            self.metrics.adapter_evictions.inc(evictions - self._counted[1])
+            self._counted = (loads, evictions)
+
+
+# --- sampling ----------------------------------------------------------------------------------
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """Greedy (argmax) for temperature 0, else temperature + top-p sampling with each request's
+    own generator (a seed makes it repeatable). logits: (B, vocab) float32."""
+    tokens = logits.argmax(dim=-1).tolist()
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if p.temperature > 0:
+            probs = top_p_filter(torch.softmax(logits[row].cpu() / p.temperature, dim=-1), p.top_p)
+            tokens[row] = int(torch.multinomial(probs, 1, generator=seq.generator))
+    return tokens
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (nucleus sampling)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(descending=True)
+    drop = sorted_probs.cumsum(0) - sorted_probs >= top_p  # mass before this token already enough
+    sorted_probs[drop] = 0.0
+    return torch.zeros_like(probs).scatter(0, order, sorted_probs)
+
+
+def find_stop(text: str, stops: list[str], sent: int) -> int | None:
+    """Index of the earliest stop string in text (searching from the unsent part), or None."""
+    longest = max((len(s) for s in stops), default=0)
+    start = max(0, sent - longest)
+    hits = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """Characters at the end of text not to send yet: an incomplete UTF-8 character, or the
+    longest tail that is the start of a stop string."""
+    if text.endswith("\ufffd"):
+        return len(text) - len(text.rstrip("\ufffd"))
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:k]):
+                hold = k
+                break
+    return hold
+
+
+# --- model facts -------------------------------------------------------------------------------
+def context_length(model: nn.Module) -> int:
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def eos_token_ids(model: nn.Module, tokenizer) -> set[int]:
+    ids = set()
+    for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                  getattr(model.config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+def pad_token_id(tokenizer, eos_ids: set[int]) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return min(eos_ids) if eos_ids else 0

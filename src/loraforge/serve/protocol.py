@@ -1,0 +1,110 @@
+"""The OpenAI / vLLM wire format: request bodies (validated strictly: a wrong type is a 400,
+never silently coerced) and the JSON objects the server sends back."""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class _Sampling(_Body):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: dict | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens
+
+    def stop_list(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int]
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class LoadLoraRequest(_Body):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraRequest(_Body):
+    lora_name: str
+
+
+# --- responses ---------------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(rid: str, model: str, text: str, finish: str | None, use: dict | None) -> dict:
+    out = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+           "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+    if use is not None:
+        out["usage"] = use
+    return out
+
+
+def chat_completion(rid: str, model: str, text: str, finish: str, use: dict) -> dict:
+    message = {"role": "assistant", "content": text}
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+            "usage": use}
+
+
+def chat_chunk(rid: str, model: str, delta: dict, finish: str | None) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+
+def usage_chunk(rid: str, model: str, obj: str, use: dict) -> dict:
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [], "usage": use}
+
+
+def model_card(name: str, root: str, parent: str | None, max_len: int) -> dict:
+    """One /v1/models entry, with vLLM's `root` (where it comes from) and `parent` (its base)."""
+    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "loraforge",
+            "root": root, "parent": parent, "max_model_len": max_len, "permission": []}
+
+
+def error_body(message: str, type_: str, code: str | int | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -1,0 +1,61 @@
+"""`loraforge serve`: load the base model, build the engine and the app, run uvicorn.
+
+uvicorn handles SIGTERM / SIGINT with a graceful shutdown: it stops accepting connections and
+lets in-flight requests finish (up to --shutdown-timeout seconds); the app's lifespan then
+stops the engine, which aborts whatever is still queued.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from loraforge import LoraError
+from loraforge.serve.adapters import AdapterRegistry
+from loraforge.serve.api import ServeState, create_app
+from loraforge.serve.engine import Engine
+
+MERGED = "merged"
+
+
+def build_state(model_name: str, adapters_dir: str | None, max_batch: int = 16, max_loaded: int = 8,
+                max_queue: int = 256, merge: str | None = None, allow_roots: list[str] = (),
+                served_name: str | None = None, dtype: str = "auto", device: str = "auto") -> ServeState:
+    """Everything the app serves, from the command line's choices."""
+    from loraforge.models import load_model, load_tokenizer, resolve_model_path
+
+    registry = AdapterRegistry(adapters_dir, allow_roots) if adapters_dir or allow_roots else None
+    model = load_model(model_name, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(model_name)
+    if merge is not None:
+        model = merge_adapter(model, registry, merge)
+        registry = None
+    engine = Engine(model, tokenizer, registry, max_batch=max_batch, max_loaded=max_loaded, max_queue=max_queue)
+    name = merge or served_name or str(model_name)
+    return ServeState(engine, registry, name, resolve_model_path(model_name), merged=merge is not None)
+
+
+def merge_adapter(model, registry: AdapterRegistry | None, name: str):
+    """Fold adapter `name` (from the adapters directory) into the base weights: zero overhead."""
+    from loraforge.io import load_adapter
+    from loraforge.model import merge_and_unload
+
+    if registry is None:
+        raise LoraError("--merge needs --adapters DIR holding the adapter")
+    load_adapter(model, registry.path_of(name), MERGED)
+    return merge_and_unload(model, [MERGED])
+
+
+def cli_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    if args.adapters is not None and not Path(args.adapters).is_dir():
+        raise LoraError(f"--adapters {args.adapters} is not a directory")
+    state = build_state(args.model, args.adapters, args.max_batch, args.max_loaded, args.max_queue, args.merge,
+                        args.allow_root or [], args.served_model_name, args.dtype, args.device)
+    app = create_app(state, api_key=args.api_key)
+    logging.basicConfig(level=logging.INFO)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout)
+    uvicorn.Server(config).run()
+    return 0
