@@ -5,19 +5,28 @@ base it runs `loraforge train` and `loraforge eval` as subprocesses (each run it
 peak memory is per run) and prints a markdown table:
 
 - base weights: bytes held by the frozen base weights after loading (loraforge.quant.weight_bytes:
-  quantized storage incl. its quantization state), and the process RSS right after the model is
-  built (a separate small process that builds the model exactly as `loraforge train` does);
-- peak RSS: the training process's peak resident memory (metrics.jsonl `peak_memory_mb`, the
-  process high-water mark: loading included);
+  quantized storage incl. its quantization state), and the RSS right after the model is built and
+  the peak RSS while building it (a separate process that builds the model, LoRA attached, exactly
+  as `loraforge train` does, and stops there). A float32 base is memory-mapped from the
+  checkpoint, so its RSS after building is low until training reads every weight;
+- peak RSS training run: the training process's peak resident memory (metrics.jsonl
+  `peak_memory_mb`, the process high-water mark: building included, so when it exceeds the build
+  peak, training set it);
 - tokens/s: mean over the steps after the first (metrics.jsonl);
 - exact match of the trained adapter on the demo test split (`loraforge eval`), over the base it
   was trained on; for NF4 also over the float32 base (the adapter moved to full precision).
 
 Runs: fp32 (`--precision fp32`), bf16 (`--precision bf16-base`: base stored in bf16, bf16
-autocast) and nf4 (`--quantize nf4 --precision bf16`: 4-bit base, bf16 autocast).
+autocast) and nf4 (`--quantize nf4 --precision bf16-base`: QLoRA's setup, the Linear weights of
+the decoder blocks in NF4, everything else in bf16, bf16 compute).
+
+Peak RSS depends on glibc's allocator, which keeps freed memory and raises its mmap threshold as
+it goes; from run to run the same training can peak 30% apart. `--stable-rss` sets
+MALLOC_MMAP_THRESHOLD_=131072 for every run, so that large tensors are returned to the system
+when freed and the peak follows the memory actually live (at some cost in speed, for all runs).
 
     python bench/qlora.py                                   # the full run (1 epoch of 2000 examples)
-    python bench/qlora.py --steps 20 --n-train 200 --n-test 20 --threads 1   # a reduced run
+    python bench/qlora.py --steps 12 --n-train 200 --n-test 40 --threads 1 --stable-rss   # reduced
 """
 from __future__ import annotations
 
@@ -33,7 +42,7 @@ from pathlib import Path
 RUNS = {  # name: (train flags, eval flags)
     "fp32": (["--precision", "fp32"], []),
     "bf16": (["--precision", "bf16-base"], []),
-    "nf4": (["--quantize", "nf4", "--precision", "bf16"], ["--quantize", "nf4"]),
+    "nf4": (["--quantize", "nf4", "--precision", "bf16-base"], ["--quantize", "nf4"]),
 }
 TARGETS = ("NF4 base weights <= 0.16x float32; NF4 peak training memory < bf16's; "
            "NF4 tokens/s >= 0.7x bf16's; NF4 exact match within 5 points of bf16's")
@@ -55,6 +64,7 @@ def measure_load(run: str, model: str) -> dict:
     """(In a fresh process.) Build the training model as `loraforge train` does; report memory."""
     import torch
 
+    from loraforge.layers import is_quantized
     from loraforge.quant import weight_bytes
     from loraforge.recipes import resolve
     from loraforge.train import build_model
@@ -67,8 +77,10 @@ def measure_load(run: str, model: str) -> dict:
     seconds = time.perf_counter() - began
     gc.collect()
     info = getattr(built, "loraforge_quantization", None) or {}
+    quantized = sum(m.in_features * m.out_features for m in built.modules()
+                    if is_quantized(m) and not hasattr(m, "base_layer"))  # the 4-bit layers, not their LoRA wrappers
     return {"weight_bytes": weight_bytes(built), "linear_bytes": info.get("linear_bytes_after"),
-            "linear_bytes_float32": info.get("linear_bytes_before"), "build_s": round(seconds, 1), **rss_mb()}
+            "linear_bytes_float32": 4 * quantized, "build_s": round(seconds, 1), **rss_mb()}
 
 
 def run(cmd: list[str], env: dict, log: Path) -> tuple[float, str]:
@@ -100,6 +112,8 @@ def bench(args) -> dict:
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
+    if args.stable_rss:
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     results = {}
     for name in args.runs:
         train_flags, eval_flags = RUNS[name]
@@ -135,9 +149,9 @@ def mib(n) -> str:
 def table(results: dict) -> str:
     fp32 = results.get("fp32", {}).get("load", {}).get("weight_bytes")
     bf16 = results.get("bf16")
-    lines = ["| base | base weights MiB (x fp32) | quantized Linear weights MiB | RSS after build MiB | "
-             "peak RSS MiB | tokens/s (x bf16) | final loss | exact match % |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| base | base weights MiB (x fp32) | quantized Linear weights MiB (x fp32) | RSS after build MiB "
+             "| peak RSS building MiB | peak RSS training run MiB | tokens/s (x bf16) | final loss | exact match % |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         load = r["load"]
         ratio = f" ({load['weight_bytes'] / fp32:.3f}x)" if fp32 else ""
@@ -148,7 +162,7 @@ def table(results: dict) -> str:
         if "eval_on_float32" in r:
             em += f" (adapter on fp32 base: {100 * r['eval_on_float32']['exact_match']:.1f})"
         lines.append(f"| {name} | {mib(load['weight_bytes'])}{ratio} | {linear} | {load['rss_mb']:,.0f} | "
-                     f"{r['peak_mb']:,.0f} | {speed} | {r['final_loss']:.4f} | {em} |")
+                     f"{load['hwm_mb']:,.0f} | {r['peak_mb']:,.0f} | {speed} | {r['final_loss']:.4f} | {em} |")
     return "\n".join(lines)
 
 
@@ -181,6 +195,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", default="fp32,bf16,nf4", help="comma list of fp32, bf16, nf4")
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for every run (0: leave as is)")
+    parser.add_argument("--stable-rss", dest="stable_rss", action="store_true",
+                        help="MALLOC_MMAP_THRESHOLD_=131072 for every run: peak RSS follows live memory")
     parser.add_argument("--no-float-eval", dest="no_float_eval", action="store_true",
                         help="skip evaluating the NF4-trained adapter on the float32 base")
     parser.add_argument("--out", default="out/bench-qlora")
@@ -196,7 +212,8 @@ def main(argv=None) -> int:
     results = bench(args)
     print(f"QLoRA benchmark: {args.model}, demo task 'extract' ({args.n_train} train / {args.n_test} test examples), "
           f"{'steps: ' + str(args.steps) if args.steps else 'one epoch'}"
-          + (f", OMP_NUM_THREADS={args.threads}" if args.threads else "") + "\n")
+          + (f", OMP_NUM_THREADS={args.threads}" if args.threads else "")
+          + (", MALLOC_MMAP_THRESHOLD_=131072" if args.stable_rss else "") + "\n")
     print(table(results))
     lines = verdicts(results)
     if lines:

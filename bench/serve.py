@@ -62,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--skip-peft", action="store_true", help="skip the PEFT switching baseline (slowest)")
+    p.add_argument("--repeat", type=int, default=1, help="rounds over all setups; the median run is reported")
     return p.parse_args(argv)
 
 
@@ -134,16 +135,18 @@ def generate_fixed(model, ids: torch.Tensor, new_tokens: int, pad_id: int) -> li
     return clock.times
 
 
-def run_peft(model_name: str, paths: list[Path], prompts, names: list[str], new_tokens: int, pad_id: int) -> Result:
+def peft_with_adapters(model_name: str, paths: list[Path], names: list[str]):
     from peft import PeftModel
 
     where = {p.name: str(p) for p in paths}
-    used = sorted(set(names))
-    model = PeftModel.from_pretrained(load_model(model_name, dtype="float32", device="cpu"), where[used[0]],
-                                      adapter_name=used[0])
-    for name in used[1:]:
+    model = PeftModel.from_pretrained(load_model(model_name, dtype="float32", device="cpu"), where[names[0]],
+                                      adapter_name=names[0])
+    for name in names[1:]:
         model.load_adapter(where[name], adapter_name=name)
-    model.eval()
+    return model.eval()
+
+
+def run_peft(model, prompts, names: list[str], new_tokens: int, pad_id: int) -> Result:
     generate_fixed(model, torch.tensor([prompts[0]]), 2, pad_id)  # warm-up
     start, stamps = time.perf_counter(), []
     with torch.inference_mode():
@@ -167,7 +170,8 @@ def run_hf_batched(model, prompts, new_tokens: int, pad_id: int) -> Result:
 # --- report -----------------------------------------------------------------------------------------
 def table(results: list[Result], base: Result, args) -> str:
     lines = [f"{args.requests} concurrent requests, {args.prompt_tokens} prompt tokens, {args.new_tokens} new "
-             f"tokens, rank-{args.rank} adapters on all linear layers, {torch.get_num_threads()} threads\n",
+             f"tokens, rank-{args.rank} adapters on all linear layers, {torch.get_num_threads()} CPU thread(s), median of "
+             f"{args.repeat} interleaved round(s)\n",
              "| setup | tokens/s | vs base-only engine | time to first token (s) | per-token latency (ms) |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for r in results:
@@ -193,6 +197,32 @@ def targets(results: dict[str, Result]) -> str:
     return "\n".join(lines)
 
 
+def median_result(results: list[Result]) -> Result:
+    """The run with the median throughput (the machine is noisy: runs are interleaved, see --repeat)."""
+    return sorted(results, key=lambda r: r.throughput)[len(results) // 2]
+
+
+def runners(args, model, tokenizer, paths: list[Path], prompts, counts: list[int], tmp: str) -> dict:
+    """{key: zero-argument function returning a Result}, in the order they run each round."""
+    engine = Engine(model, tokenizer, AdapterRegistry(tmp), max_batch=args.requests, max_loaded=max(counts),
+                    max_queue=args.requests, prefill_tokens=args.requests * args.prompt_tokens)
+    run_engine(engine, prompts[:4], [None] * 4, 4, "warm-up")
+    jobs = {"base": lambda: run_engine(engine, prompts, [None] * args.requests, args.new_tokens,
+                                       "loraforge engine, base model only")}
+    for count in counts:
+        names = [paths[i % count].name for i in range(args.requests)]
+        key = "one" if count == 1 else "many" if count == max(counts) else f"k{count}"
+        jobs[key] = (lambda names=names, count=count: run_engine(
+            engine, prompts, names, args.new_tokens, f"loraforge engine, {count} distinct adapter(s)"))
+    bare = load_model(args.model, dtype="float32", device="cpu")  # never wrapped by LoRA layers
+    jobs["hf"] = lambda: run_hf_batched(bare, prompts, args.new_tokens, tokenizer.pad_token_id)
+    if not args.skip_peft:
+        names = [paths[i % max(counts)].name for i in range(args.requests)]
+        peft_model = peft_with_adapters(args.model, paths, sorted(set(names)))
+        jobs["peft"] = lambda: run_peft(peft_model, prompts, names, args.new_tokens, tokenizer.pad_token_id)
+    return jobs
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -203,19 +233,14 @@ def main(argv=None) -> int:
     counts = [args.requests if c == "all" else int(c) for c in args.adapters.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(model, max(counts), args.rank, Path(tmp))
-        hf = run_hf_batched(model, prompts, args.new_tokens, tokenizer.pad_token_id)  # before the engine wraps layers
-        engine = Engine(model, tokenizer, AdapterRegistry(tmp), max_batch=args.requests, max_loaded=max(counts),
-                        max_queue=args.requests, prefill_tokens=args.requests * args.prompt_tokens)
-        run_engine(engine, prompts[:4], [None] * 4, 4, "warm-up")
-        runs = {"base": run_engine(engine, prompts, [None] * args.requests, args.new_tokens, "engine, base only")}
-        for count in counts:
-            names = [paths[i % count].name for i in range(args.requests)]
-            key = "one" if count == 1 else "many" if count == max(counts) else f"k{count}"
-            runs[key] = run_engine(engine, prompts, names, args.new_tokens, f"engine, {count} distinct adapter(s)")
-        runs["hf"] = hf
-        if not args.skip_peft:
-            names = [paths[i % max(counts)].name for i in range(args.requests)]
-            runs["peft"] = run_peft(args.model, paths, prompts, names, args.new_tokens, engine.pad_id)
+        jobs = runners(args, model, tokenizer, paths, prompts, counts, tmp)
+        samples: dict[str, list[Result]] = {key: [] for key in jobs}
+        for round_ in range(args.repeat):  # interleaved, so that load changes hit every setup alike
+            for key, job in jobs.items():
+                samples[key].append(job())
+                print(f"round {round_ + 1}: {samples[key][-1].name}: {samples[key][-1].throughput:.1f} tokens/s",
+                      file=sys.stderr, flush=True)
+    runs = {key: median_result(results) for key, results in samples.items()}
     print(table(list(runs.values()), runs["base"], args))
     print()
     print(targets(runs))

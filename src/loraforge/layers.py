@@ -111,13 +111,17 @@ class LoraLayer(nn.Module):
         base = result
         for name, rows in self.routes():  # each increment is computed against the base output
             if rows is None:
-                result = result + self.lora_output(name, x, base)
+                result = self.add_lora(name, x, result, base)
             else:
                 result = result.index_add(0, rows, self.lora_output(name, x[rows], base[rows]))
         return result
 
     def lora_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """result + this adapter's increment (layer types may fuse the addition)."""
+        return result + self.lora_output(name, x, base)
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) with A (r x in) and B (out x r), so that the update is B @ A * scaling."""
@@ -204,11 +208,25 @@ class LoraLinear(LoraLayer):
         """||W + dW|| over the input dimension: one norm per output row (DoRA eq. 5)."""
         return (self.dense_weight().float() + self.delta_weight(name)).norm(p=2, dim=1)
 
+    def add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Plain LoRA fused into one GEMM epilogue: result + s * (A h) B^T via addmm, so the
+        scaling and the addition cost no extra pass over the (tokens x out) output."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if name in self.lora_magnitude_vector or (not autocast and result.dtype != A.dtype):
+            return result + self.lora_output(name, x, base)
+        h = self.lora_dropout[name](x if autocast else x.to(A.dtype))
+        a = F.linear(h, A)  # (..., r)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), a.reshape(-1, a.shape[-1]), B.t(),
+                          alpha=self.scaling[name])  # (tokens, out)
+        return out.view(result.shape)
+
     def lora_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         A, B = self.lora_A[name], self.lora_B[name]
-        x = x.to(A.weight.dtype)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(A.weight.dtype)
         h = self.lora_dropout[name](x)
-        lora = B(A(h)) * self.scaling[name]  # (..., out)
+        lora = B(A(h) * self.scaling[name])  # (..., out); scaling applied to the small (..., r) tensor
         if name in self.lora_magnitude_vector:
             return self.dora_output(name, x, h, lora, base_out)
         return lora.to(base_out.dtype)

@@ -273,6 +273,7 @@ def run_steps(cfg, model, optimizer, scheduler, prepared, ctx, log, start, total
         stats = train_step(model, step_batches(cfg, prepared.train_rows, step), optimizer, scheduler, cfg, ctx)
         elapsed = time.perf_counter() - began
         record = {"step": step + 1, "loss": round(stats["loss"], 5), "lr": scheduler.get_last_lr()[0],
+                  "tokens": stats["tokens"], "step_s": round(elapsed, 4),
                   "tokens_per_s": round(stats["tokens"] / elapsed, 1), "grad_norm": round(stats["grad_norm"], 4),
                   "peak_memory_mb": peak_memory_mb(ctx.device)}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:

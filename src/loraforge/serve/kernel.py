@@ -138,9 +138,11 @@ class MultiLoraKernel:
             return base_out
         At, Bt = self.stacks[layer]
         x = x.to(At.dtype)
-        if kind == "one":
+        if kind == "one":  # every row uses the same adapter: plain matmuls, no copies
             _, slot, r = self.plan
-            return base_out + ((x @ At[slot, :, :r]) @ Bt[slot, :r]).to(base_out.dtype)
+            h = x.reshape(-1, x.shape[-1]) @ At[slot, :, :r]  # (B*S, r)
+            out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]).to(h.dtype), h, Bt[slot, :r])
+            return out.view(base_out.shape).to(base_out.dtype)
         if kind == "groups":
             out = base_out.clone()
             for slot, rows, r in self.plan[1]:

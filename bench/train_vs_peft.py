@@ -1,0 +1,155 @@
+"""Training speed and memory: loraforge against PEFT + transformers' Trainer, in one run.
+
+Both fine-tune the embedded SmolLM2-135M-Instruct on the same demo-task examples, LoRA r=8 on
+all linear layers, batch 4 sequences of up to 256 tokens, the same number of steps. Each run is
+its own subprocess so its peak RSS is its own. tokens/s counts real (non-padding) tokens over
+the timed steps (the first steps are warm-up). Four runs:
+
+  identical settings: float32 weights and compute for both
+  own settings:       what each recommends on this hardware: loraforge stores the frozen base in
+                      bfloat16 and runs bf16 autocast (`--precision bf16-base`); PEFT + Trainer
+                      keeps float32 weights with `bf16=True` (autocast), as its docs recommend.
+
+    python bench/train_vs_peft.py [--steps 8] [--warmup 2] [--n-train 400]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODEL = "smollm2-135m-instruct"
+
+
+def run_loraforge(data: Path, out: Path, steps: int, precision: str) -> dict:
+    cmd = [sys.executable, "-m", "loraforge", "train", "--data", str(data), "--out", str(out),
+           "--rank", "8", "--alpha", "16", "--targets", "all-linear", "--batch-size", "4",
+           "--max-tokens", "256", "--max-len", "256", "--max-steps", str(steps), "--precision", precision,
+           "--save-every", "0", "--val-fraction", "0", "--no-progress", "--lr", "1e-4"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"records": records, "peak_rss_mb": max(r["peak_memory_mb"] for r in records)}
+
+
+def peft_child(data: str, steps: int, bf16: bool) -> None:
+    """Runs inside a subprocess: PEFT + Trainer, the path users take today."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    from loraforge import data as D
+    from loraforge.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(MODEL)
+    tokenizer.padding_side = "right"
+    pairs = D.encode_examples(D.load_examples(data), tokenizer, max_len=256).pairs
+    dataset = [{"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)} for ids, labels in pairs]
+    model = load_model(MODEL, dtype="float32")
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    times, tokens = [], []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.began = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.began)
+
+    class Counting(DataCollatorForSeq2Seq):
+        def __call__(self, features, return_tensors=None):
+            batch = super().__call__(features, return_tensors)
+            tokens.append(int(batch["attention_mask"].sum()))
+            return batch
+
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, max_steps=steps,
+                             learning_rate=1e-4, use_cpu=True, bf16=bf16, report_to=[], save_strategy="no",
+                             logging_strategy="no", dataloader_num_workers=0, seed=0, remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                      data_collator=Counting(tokenizer, padding=True, label_pad_token_id=-100), callbacks=[Clock()])
+    trainer.train()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"times": times, "tokens": tokens[:len(times)], "peak_rss_mb": peak}))
+    del torch
+
+
+def run_peft(data: Path, steps: int, bf16: bool) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--peft-child", str(data), "--steps", str(steps)]
+                         + (["--bf16"] if bf16 else []), check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def speed_loraforge(result: dict, warmup: int) -> float:
+    timed = result["records"][warmup:]
+    return sum(r["tokens"] for r in timed) / sum(r["step_s"] for r in timed)
+
+
+def speed_peft(result: dict, warmup: int) -> float:
+    tokens, times = result["tokens"][warmup:], result["times"][warmup:]
+    return sum(tokens) / sum(times)
+
+
+def _sentence(prompt: str) -> str:
+    """The demo prompt without its instruction line."""
+    return prompt.split("\n", 1)[1] if "\n" in prompt else prompt.split(": ", 1)[1]
+
+
+def long_examples(path: Path, n: int, seed: int = 0) -> Path:
+    """Chat rows of 1 to 3 demo-task sentences each (about 85 to 250 tokens with the template):
+    lengths vary as in real data, so batches of 4 are padded for the Trainer and packed by us."""
+    import random
+
+    from loraforge.demotask import make_examples
+
+    rng, items = random.Random(seed), make_examples(n * 5, seed=seed)
+    rows, at = [], 0
+    for _ in range(n):
+        k = rng.randint(1, 3)
+        group, at = items[at:at + k], at + k
+        prompt = "Extract every person as JSON, one per line:\n" + "\n".join(
+            _sentence(m["messages"][0]["content"]) for m in group)
+        answer = "\n".join(m["messages"][1]["content"] for m in group)
+        rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--n-train", type=int, default=200)
+    parser.add_argument("--peft-child")
+    parser.add_argument("--bf16", action="store_true")
+    args = parser.parse_args()
+    if args.peft_child:
+        return peft_child(args.peft_child, args.steps, args.bf16)
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    data = long_examples(work / "train.jsonl", args.n_train)
+    rows = []
+    for label, precision, bf16 in (("identical: float32", "fp32", False), ("own settings", "bf16-base", True)):
+        ours = run_loraforge(data, work / f"lf-{precision}", args.steps, precision)
+        peft = run_peft(data, args.steps, bf16)
+        rows.append((label, speed_loraforge(ours, args.warmup), ours["peak_rss_mb"],
+                     speed_peft(peft, args.warmup), peft["peak_rss_mb"]))
+    print(f"SmolLM2-135M-Instruct, LoRA r=8 all-linear, batch 4 x <=256 tokens, {args.steps} steps "
+          f"({args.warmup} warm-up), {os.cpu_count()} CPU cores\n")
+    print("| settings | loraforge tokens/s | PEFT+Trainer tokens/s | speed ratio | loraforge peak RSS MB "
+          "| PEFT peak RSS MB | memory ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, lf_speed, lf_mem, p_speed, p_mem in rows:
+        print(f"| {label} | {lf_speed:.0f} | {p_speed:.0f} | {lf_speed / p_speed:.2f}x | {lf_mem:.0f} | {p_mem:.0f} "
+              f"| {lf_mem / p_mem:.2f}x |")
+    lf_own, p_fp32 = rows[1], rows[0]
+    print(f"\nown settings vs PEFT float32: {lf_own[1] / p_fp32[3]:.2f}x tokens/s, "
+          f"{lf_own[2] / p_fp32[4]:.2f}x peak memory")
+
+
+if __name__ == "__main__":
+    main()
