@@ -76,19 +76,23 @@ def lora_config(cfg: TrainConfig) -> LoraConfig:
                       base_model_name_or_path=cfg.model)
 
 
-def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: bfloat16 where the hardware runs it fast, unless fp32 is asked for."""
+def effective_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """`auto`: the frozen base stored in bfloat16 with bf16 autocast where the hardware runs bf16
+    natively (no per-step weight casts, half the memory), else float32."""
     from loraforge.models import bf16_supported
 
-    if cfg.precision == "fp32":
-        return None
-    if cfg.precision in ("bf16", "bf16-base") or bf16_supported(device):
-        return torch.bfloat16
-    return None
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16-base" if bf16_supported(device) else "fp32"
+
+
+def compute_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype for a precision setting (None: no autocast)."""
+    return None if precision == "fp32" else torch.bfloat16
 
 
 def build_model(cfg: TrainConfig, device: torch.device):
-    base_dtype = "bfloat16" if cfg.precision == "bf16-base" else "float32"
+    base_dtype = "bfloat16" if effective_precision(cfg, device) == "bf16-base" else "float32"
     model = load_model(cfg.model, dtype=base_dtype, device=str(device))
     if cfg.quantize:
         from loraforge.quant import quantize_model
@@ -220,7 +224,7 @@ def train(cfg: TrainConfig) -> dict:
     adapter_bytes = sum(p.numel() * 4 for p in params)
     if dist.is_main():
         check_output_dir(out, need_bytes=adapter_bytes * 6 + (1 << 20))
-    autocast = compute_dtype(cfg, device)
+    autocast = compute_dtype(effective_precision(cfg, device))
     ctx = Context(device, autocast, autocast or torch.float32, tokenizer.pad_token_id, params)
     optimizer = build_optimizer(model, cfg)
     total = total_steps(cfg, len(prepared.train_rows))
