@@ -35,6 +35,9 @@ from loraforge.serve.adapters import AdapterRegistry
 from loraforge.serve.api import preload
 from loraforge.serve.engine import Engine, GenerationRequest, SamplingParams
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter  # set by --clock
+
 TEXT = ("Low-rank adaptation trains two small matrices instead of the full weight. The quick brown fox jumps "
         "over the lazy dog while the model answers questions about capitals, translations, haiku and sums. ")
 
@@ -63,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--skip-peft", action="store_true", help="skip the PEFT switching baseline (slowest)")
     p.add_argument("--repeat", type=int, default=1, help="rounds over all setups; the median run is reported")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="cpu: time.process_time, immune to other processes on a shared machine (use with "
+                        "--threads 1: then it is the time the run takes on one idle core)")
     return p.parse_args(argv)
 
 
@@ -95,13 +101,13 @@ def run_engine(engine: Engine, prompts, names: list[str | None], new_tokens: int
     for name in sorted({n for n in names if n}):  # warm adapter cache: loads are not timed
         engine.call(lambda n=name: preload(engine, n)).result()
     stamps: dict[int, list[float]] = {}
-    engine.on_token = lambda seq, now: stamps.setdefault(seq.id, []).append(now)
+    engine.on_token = lambda seq, now: stamps.setdefault(seq.id, []).append(clock())
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    start = time.perf_counter()
+    start = clock()
     seqs = [engine.submit(GenerationRequest(p, n, params), lambda ev: None) for p, n in zip(prompts, names)]
     while engine.busy:
         engine.step()
-    seconds = time.perf_counter() - start
+    seconds = clock() - start
     engine.on_token = None
     return summarize(label, [stamps[s.id] for s in seqs], start, seconds)
 
@@ -121,7 +127,7 @@ class FirstCall:
         self.times: list[float] = []
 
     def __call__(self, input_ids, scores):
-        self.times.append(time.perf_counter())
+        self.times.append(clock())
         return scores
 
 
@@ -148,30 +154,29 @@ def peft_with_adapters(model_name: str, paths: list[Path], names: list[str]):
 
 def run_peft(model, prompts, names: list[str], new_tokens: int, pad_id: int) -> Result:
     generate_fixed(model, torch.tensor([prompts[0]]), 2, pad_id)  # warm-up
-    start, stamps = time.perf_counter(), []
+    start, stamps = clock(), []
     with torch.inference_mode():
         for prompt, name in zip(prompts, names):
             model.set_adapter(name)
             stamps.append(generate_fixed(model, torch.tensor([prompt]), new_tokens, pad_id))
-    return summarize("PEFT generate, set_adapter per request (one at a time)", stamps, start,
-                     time.perf_counter() - start)
+    return summarize("PEFT generate, set_adapter per request (one at a time)", stamps, start, clock() - start)
 
 
 def run_hf_batched(model, prompts, new_tokens: int, pad_id: int) -> Result:
     ids = torch.tensor(prompts)  # equal lengths: no padding needed
     generate_fixed(model, ids[:2, :8], 2, pad_id)  # warm-up
-    start = time.perf_counter()
+    start = clock()
     with torch.inference_mode():
         times = generate_fixed(model, ids, new_tokens, pad_id)
-    seconds = time.perf_counter() - start
+    seconds = clock() - start
     return summarize("transformers batched generate, bare base", [times] * len(prompts), start, seconds)
 
 
 # --- report -----------------------------------------------------------------------------------------
 def table(results: list[Result], base: Result, args) -> str:
     lines = [f"{args.requests} concurrent requests, {args.prompt_tokens} prompt tokens, {args.new_tokens} new "
-             f"tokens, rank-{args.rank} adapters on all linear layers, {torch.get_num_threads()} CPU thread(s), median of "
-             f"{args.repeat} interleaved round(s)\n",
+             f"tokens, rank-{args.rank} adapters on all linear layers, {torch.get_num_threads()} CPU thread(s), "
+             f"median of {args.repeat} interleaved round(s), {args.clock} clock\n",
              "| setup | tokens/s | vs base-only engine | time to first token (s) | per-token latency (ms) |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for r in results:
@@ -224,7 +229,9 @@ def runners(args, model, tokenizer, paths: list[Path], prompts, counts: list[int
 
 
 def main(argv=None) -> int:
+    global clock
     args = parse_args(argv)
+    clock = CLOCKS[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model)

@@ -193,7 +193,8 @@ def test_runtime_load_and_unload(server, client, paths, tmp_path):
 
 def test_lru_evicts_and_reloads_transparently(server, client):
     first = complete(client, "alpha")
-    loads, evictions = metric(server, "loraforge_adapter_loads_total"), metric(server, "loraforge_adapter_evictions_total")
+    loads = metric(server, "loraforge_adapter_loads_total")
+    evictions = metric(server, "loraforge_adapter_evictions_total")
     for model in ("beta", "gamma", "alpha"):  # 2 slots: alpha is evicted, then reloaded
         complete(client, model)
     assert complete(client, "alpha") == first
@@ -298,7 +299,7 @@ def test_cli_serves_and_finishes_streams_on_sigterm(paths):
         process.send_signal(signal.SIGTERM)  # graceful: the stream in flight still completes
         reader.join(60)
         assert chunks[-1].choices[0].finish_reason == "length"
-        assert process.wait(30) in (0, -signal.SIGTERM)  # uvicorn may re-raise the signal once shut down
+        assert process.wait(30) == 0
         assert b"Traceback" not in process.stdout.read()
     finally:
         if process.poll() is None:

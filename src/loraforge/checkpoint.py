@@ -55,9 +55,17 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler) -> Path:
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     atomic_write_bytes(root / "latest", final.name.encode())
-    for old in sorted(root.glob("step-*"))[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune(root, final)
     return final
+
+
+def _prune(root: Path, newest: Path):
+    """Keep `newest` and the KEEP - 1 checkpoints before it; later steps belong to an abandoned run."""
+    others = sorted(p for p in root.glob("step-*") if p != newest)
+    older = [p for p in others if p.name < newest.name]
+    later = [p for p in others if p.name > newest.name]
+    for old in older[:max(0, len(older) - (KEEP - 1))] + later:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def find_latest(out: Path) -> Path | None:

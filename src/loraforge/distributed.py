@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 import torch
 import torch.distributed as tdist
@@ -84,20 +85,24 @@ def _comm_device() -> torch.device:
     return device() if tdist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def launch(nproc: int) -> int:
-    """Re-run this command under torchrun with `nproc` processes on this machine."""
-    args = [a for i, a in enumerate(sys.argv[1:]) if not _is_nproc(sys.argv[1:], i)]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "loraforge", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
-                                                           str(max(1, (os.cpu_count() or 1) // nproc)))}
-    return subprocess.call(command, env=env)
+def launched() -> bool:
+    """Whether this process was started by torchrun (it sets WORLD_SIZE), so it must not relaunch."""
+    return "WORLD_SIZE" in os.environ
 
 
-def _is_nproc(argv: list[str], i: int) -> bool:
-    """Whether argv[i] is --nproc, its value, or --nproc=N."""
-    a = argv[i]
-    return a == "--nproc" or a.startswith("--nproc=") or (i > 0 and argv[i - 1] == "--nproc")
+def launch(nproc: int, config_yaml: str) -> int:
+    """Re-run `loraforge train` under torchrun with `nproc` processes on this machine.
+
+    The processes get the resolved settings as a recipe file (not this process's argv, which
+    is not the command when `loraforge.cli.main([...])` is called from Python)."""
+    with tempfile.TemporaryDirectory(prefix="loraforge-launch-") as tmp:
+        recipe = os.path.join(tmp, "train_config.yaml")
+        with open(recipe, "w", encoding="utf-8") as f:
+            f.write(config_yaml)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "-m", "loraforge", "train", "--config", recipe]
+        threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": threads})
 
 
 def fsdp_wrap(model, blocks_attr: str = "layers"):

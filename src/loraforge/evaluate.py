@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import torch
 
@@ -81,8 +82,11 @@ def cli_eval(args) -> int:
         examples = examples[:args.limit]
     result = evaluate(model, tokenizer, examples, args.batch_size)
     label = f"adapter {args.adapter}" if args.adapter else f"base model {args.model}"
+    if math.isnan(result["exact_match"]):  # plain-text data has no answers to match; JSON has no NaN
+        result["exact_match"] = None
+    em = "n/a" if result["exact_match"] is None else f"{100 * result['exact_match']:.1f}%"
     print(f"{label} on {args.data} ({result['n']} examples): loss {result['loss']:.4f}, "
-          f"perplexity {result['perplexity']:.3f}, exact match {100 * result['exact_match']:.1f}%")
+          f"perplexity {result['perplexity']:.3f}, exact match {em}")
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "samples"}))
     return 0
@@ -104,12 +108,15 @@ def cli_merge(args) -> int:
 
     from loraforge.model import merge_and_unload
 
-    model, tokenizer = load_for_inference(args.model, args.adapter, dtype=args.dtype)
-    merged = merge_and_unload(model)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise LoraError(f"output {out} is a file, not a directory")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise LoraError(f"output directory {out} is not empty (pass --force to overwrite)")
+    model, tokenizer = load_for_inference(args.model, args.adapter, dtype=args.dtype)
+    merged = merge_and_unload(model)
     tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a merge that was killed
     merged.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     _replace_dir(tmp, out)
@@ -118,8 +125,6 @@ def cli_merge(args) -> int:
 
 
 def _replace_dir(tmp, out):
-    import shutil
-
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

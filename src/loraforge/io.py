@@ -107,7 +107,12 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
         if isinstance(module, ModulesToSave) and name in module.modules_to_save:
             for pname, p in module.modules_to_save[name].state_dict().items():
                 tensors[f"{PREFIX}{module_name}.{pname}"] = p
-    return tensors
+    return {k: _full(v) for k, v in tensors.items()}
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A whole tensor: FSDP2 shards parameters as DTensors; gather them before writing."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def target_names(model: nn.Module, name: str) -> list[str]:

@@ -15,6 +15,17 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
+def _read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line cut short by a killed process is dropped."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in records if isinstance(r, dict)]
+
+
 class MetricsLog:
     """Appends one JSON object per step to out/metrics.jsonl (and keeps them for the plot)."""
 
@@ -23,7 +34,7 @@ class MetricsLog:
         self.enabled = enabled
         self.records: list[dict] = []
         if enabled and append and self.path.exists():
-            self.records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            self.records = _read_records(self.path)
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))

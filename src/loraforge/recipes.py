@@ -5,6 +5,7 @@ One place validates: unknown keys and wrong types are errors that name the key a
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -70,6 +71,14 @@ class TrainConfig:
             errors.append(f"precision must be auto, fp32, bf16 or bf16-base, got {self.precision!r}")
         if self.quantize not in ("", "nf4", "int8"):
             errors.append(f"quantize must be nf4 or int8, got {self.quantize!r}")
+        for name in ("max_steps", "save_every", "eval_every"):
+            if getattr(self, name) < 0:
+                errors.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("dropout", "val_fraction"):
+            if not 0 <= getattr(self, name) < 1:
+                errors.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.warmup_ratio <= 1:
+            errors.append(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         if self.max_len > self.max_tokens:
             errors.append(f"max_len ({self.max_len}) must not exceed max_tokens ({self.max_tokens})")
         return errors
@@ -89,12 +98,30 @@ def _type_ok(value, annotation) -> bool:
 def check_overrides(data: dict, where: str) -> dict:
     """Reject unknown keys and wrong types; ints are accepted where floats are expected."""
     known = {f.name: f.type for f in fields(TrainConfig)}
-    errors = [f"unknown key {k!r}" for k in data if k not in known]
+    errors = [f"unknown key {k!r}{_did_you_mean(k, known)}" for k in data if k not in known]
     errors += [f"{k} must be {known[k]}, got {type(v).__name__} {v!r}" for k, v in data.items()
                if k in known and not _type_ok(v, known[k])]
     if errors:
         raise LoraError(f"{where}: " + "; ".join(errors))
     return {k: float(v) if known[k] == "float" else v for k, v in data.items()}
+
+
+def _did_you_mean(key, known) -> str:
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _yaml_floats(data: dict) -> dict:
+    """YAML 1.1 reads `lr: 1e-4` (no dot) as a string: take it as the number it spells."""
+    floats = {f.name for f in fields(TrainConfig) if f.type == "float"}
+    return {k: _as_float(v) if k in floats and isinstance(v, str) else v for k, v in data.items()}
+
+
+def _as_float(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def load_recipe(path_or_name: str) -> dict:
@@ -109,9 +136,11 @@ def load_recipe(path_or_name: str) -> dict:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise LoraError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise LoraError(f"recipe {path} is unreadable: {getattr(err, 'strerror', None) or err}") from None
     if not isinstance(data, dict):
         raise LoraError(f"{path}: a recipe is a mapping of option: value")
-    return check_overrides(data, str(path))
+    return check_overrides(_yaml_floats(data), str(path))
 
 
 def resolve(recipe: str | None = None, **overrides) -> TrainConfig:

@@ -210,30 +210,50 @@ def check_output_dir(out: Path, need_bytes: int):
                         f"{need_bytes / 1e6:.1f} MB")
 
 
+def preflight(cfg: TrainConfig):
+    """The cheap checks, before any model is loaded: data and output directory given, output writable."""
+    if not cfg.data:
+        raise LoraError("no training data: pass --data FILE.jsonl")
+    if not cfg.out:
+        raise LoraError("no output directory: pass --out DIR")
+    check_output_everywhere(Path(cfg.out), need_bytes=0)
+
+
+def check_output_everywhere(out: Path, need_bytes: int):
+    """check_output_dir on the main process; every process raises if it fails (none waits forever)."""
+    error = None
+    if dist.is_main():
+        try:
+            check_output_dir(out, need_bytes)
+        except LoraError as err:
+            error = err
+    if dist.all_sum(int(error is not None)):
+        raise error or LoraError(f"output directory {out} failed its check on the main process")
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train an adapter as `cfg` says; writes cfg.out. Returns a summary dict."""
     dist.init()
+    preflight(cfg)
     out = Path(cfg.out)
-    if not cfg.data:
-        raise LoraError("no training data: pass --data FILE.jsonl")
     device = pick_device(cfg.device) if not dist.is_distributed() else dist.device()
     tokenizer = load_tokenizer(cfg.model)
     prepared = prepare_data(cfg, tokenizer)
     model = build_model(cfg, device)
     params = list(adapter_params(model).values())
-    adapter_bytes = sum(p.numel() * 4 for p in params)
-    if dist.is_main():
-        check_output_dir(out, need_bytes=adapter_bytes * 6 + (1 << 20))
+    check_output_everywhere(out, need_bytes=sum(p.numel() * 4 for p in params) * 6 + (1 << 20))
     autocast = compute_dtype(effective_precision(cfg, device))
     ctx = Context(device, autocast, autocast or torch.float32, tokenizer.pad_token_id, params)
     optimizer = build_optimizer(model, cfg)
     total = total_steps(cfg, len(prepared.train_rows))
     warmup = int(cfg.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
-    start = resume_state(cfg, out, model, optimizer, scheduler)
+    start = resume_state(cfg, out, model, optimizer, scheduler, total)
     log = MetricsLog(out, enabled=dist.is_main(), append=start > 0)
     log.truncate(start)
     if dist.is_main():
+        if start == 0:
+            drop_stale_checkpoints(out)
         announce(cfg, model, prepared, total, autocast, start)
         atomic_write_bytes(out / "train_config.yaml", dump(cfg).encode())
     summary = run_steps(cfg, model, optimizer, scheduler, prepared, ctx, log, start, total, out)
@@ -244,7 +264,15 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
-def resume_state(cfg, out, model, optimizer, scheduler) -> int:
+def drop_stale_checkpoints(out: Path):
+    """A run from step 0 must not leave an earlier run's checkpoints for a later --resume to pick up."""
+    stale = out / "checkpoints"
+    if stale.exists():
+        print(f"note: starting from step 0; removing the earlier run's checkpoints in {stale}")
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def resume_state(cfg, out, model, optimizer, scheduler, total: int) -> int:
     """The step to start from: 0, or the last checkpoint's when --resume finds one."""
     latest = find_latest(out) if cfg.resume else None
     if cfg.resume and latest is None and dist.is_main():
@@ -252,6 +280,9 @@ def resume_state(cfg, out, model, optimizer, scheduler) -> int:
     if latest is None:
         return 0
     step = load_checkpoint(latest, model, optimizer, scheduler)
+    if step >= total:
+        raise LoraError(f"checkpoint {latest} is at step {step} but this run has only {total} steps; "
+                        f"raise --max-steps or --epochs to continue it")
     if dist.is_main():
         print(f"resuming from {latest} (step {step})")
     return step
@@ -273,10 +304,11 @@ def run_steps(cfg, model, optimizer, scheduler, prepared, ctx, log, start, total
                dynamic_ncols=True)
     stats = {}
     for step in range(start, total):
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on inside it)
         began = time.perf_counter()
         stats = train_step(model, step_batches(cfg, prepared.train_rows, step), optimizer, scheduler, cfg, ctx)
         elapsed = time.perf_counter() - began
-        record = {"step": step + 1, "loss": round(stats["loss"], 5), "lr": scheduler.get_last_lr()[0],
+        record = {"step": step + 1, "loss": round(stats["loss"], 5), "lr": lr,
                   "tokens": stats["tokens"], "step_s": round(elapsed, 4),
                   "tokens_per_s": round(stats["tokens"] / elapsed, 1), "grad_norm": round(stats["grad_norm"], 4),
                   "peak_memory_mb": peak_memory_mb(ctx.device)}
@@ -297,8 +329,9 @@ def cli_train(args) -> int:
     from loraforge.recipes import resolve
 
     cfg = resolve(args.config, **{k: getattr(args, k) for k in OVERRIDABLE if getattr(args, k, None) is not None})
-    if cfg.nproc > 1 and not dist.is_distributed():
-        return dist.launch(cfg.nproc)
+    if cfg.nproc > 1 and not dist.launched():
+        preflight(cfg)
+        return dist.launch(cfg.nproc, dump(cfg))
     summary = train(cfg)
     if dist.is_main():
         print(f"adapter written to {summary['out']} ({summary['steps']} steps, final loss {summary['final_loss']:.4f})")

@@ -5,6 +5,8 @@
     kvcache.py   the running batch's left-padded KV cache
     adapters.py  adapter names -> directories, and the LRU of adapters in memory
     api.py       FastAPI routes (OpenAI + vLLM endpoints), errors, streaming
+    protocol.py  request bodies (strictly validated) and response objects
+    metrics.py   Prometheus metrics
     server.py    `loraforge serve`: build everything and run uvicorn
 
 See docs/serve.md.

@@ -185,7 +185,7 @@ class Engine:
                 log.exception("engine step failed")
                 self._fail_all(LoraError(f"generation failed: {type(err).__name__}: {err}"))
         self._run_tasks()
-        self._fail_all(LoraError("the server is shutting down"), reason="abort")
+        self._fail_all(LoraError("the server is shutting down"))
 
     def step(self):
         """One engine iteration: tasks, cancellations, admission + prefill, one decode step."""
@@ -382,7 +382,7 @@ class Engine:
                            completion_tokens=len(seq.generated)))
         return False
 
-    def _fail_all(self, error: Exception, reason: str | None = None):
+    def _fail_all(self, error: Exception):
         with self.cv:
             waiting, self.waiting = self.waiting, []
         for seq in waiting + self.running:

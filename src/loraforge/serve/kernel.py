@@ -15,7 +15,6 @@ and the kernel adds the routed LoRA increment.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from loraforge import LoraError
 from loraforge.layers import LoraLayer, LoraLinear
@@ -164,7 +163,3 @@ def _bmm2(x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
     h = torch.bmm(x.reshape(shape[0], -1, shape[-1]), At)  # (B, S, r)
     y = torch.bmm(h, Bt)  # (B, S, out)
     return y.reshape(*shape[:-1], y.shape[-1])
-
-
-def lora_linear_layers(model: nn.Module) -> list[LoraLayer]:
-    return [m for m in model.modules() if isinstance(m, LoraLayer)]

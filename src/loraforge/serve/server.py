@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
+import sys
 from pathlib import Path
 
 from loraforge import LoraError
@@ -57,5 +60,14 @@ def cli_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout)
+    # uvicorn re-raises SIGTERM / SIGINT once it has shut down gracefully; exit 0 then.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.Server(config).run()
     return 0
+
+
+def _exit_cleanly(signum, frame):
+    """Everything is shut down: exit 0 at once (tearing down torch's modules takes seconds)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

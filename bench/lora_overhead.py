@@ -1,0 +1,106 @@
+"""LoRA layer cost on a SmolLM2-135M-shaped model (random weights), in one process run.
+
+1. Training step (forward + backward, the model's own loss) with LoRA r=8 on all linear layers:
+   loraforge against PEFT on the same inputs, interleaved so that machine noise hits both alike.
+2. Inference forward at batch 4 x 256 tokens: bare base model, loraforge with the adapter
+   unmerged, and merged (which must equal the base model's cost: it is the base model's layers).
+
+    python bench/lora_overhead.py [--iters 6] [--batch 4] [--seq 256] [--dtype float32]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from loraforge.config import LoraConfig
+from loraforge.model import attach, merge, unmerge
+
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                    tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0)
+
+
+def timed(fn, iters: int) -> list[float]:
+    fn()  # warm-up
+    times = []
+    for _ in range(iters):
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+    return times
+
+
+def train_step(model, ids):
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+    return step
+
+
+def forward(model, ids):
+    @torch.no_grad()
+    def run():
+        model(input_ids=ids)
+    return run
+
+
+def interleaved(fns: dict, iters: int) -> dict[str, float]:
+    """Median seconds per call, alternating the candidates each round."""
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(iters):
+        for name, fn in fns.items():
+            times[name] += timed(fn, 1)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--iters", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args()
+    from peft import LoraConfig as PeftConfig, get_peft_model
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    base = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(dtype)
+    base.config.use_cache = False
+    ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (args.batch, args.seq))
+    ours = attach(copy.deepcopy(base), LoraConfig(r=8, alpha=16, target_modules="all-linear")).train()
+    peft = get_peft_model(copy.deepcopy(base), PeftConfig(r=8, lora_alpha=16, target_modules="all-linear")).train()
+    for model in (ours, peft):  # same non-zero adapter weights in both
+        torch.manual_seed(1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+    train = interleaved({"loraforge": train_step(ours, ids), "peft": train_step(peft, ids)}, args.iters)
+    ours.eval()
+    base.eval()
+    infer = interleaved({"base": forward(base, ids), "unmerged": forward(ours, ids)}, args.iters)
+    merge(ours)
+    merged = interleaved({"base": forward(base, ids), "merged": forward(ours, ids)}, args.iters)
+    unmerge(ours)
+    print(f"SmolLM2-135M shape, random weights, {args.dtype}, batch {args.batch} x {args.seq} tokens, "
+          f"LoRA r=8 all-linear, {torch.get_num_threads()} threads, median of {args.iters}\n")
+    print("| measurement | seconds | ratio |")
+    print("|---|---:|---:|")
+    print(f"| train step, PEFT | {train['peft']:.3f} | 1.00 |")
+    print(f"| train step, loraforge | {train['loraforge']:.3f} | {train['loraforge'] / train['peft']:.3f} |")
+    print(f"| inference, bare base | {infer['base']:.3f} | 1.00 |")
+    print(f"| inference, loraforge unmerged | {infer['unmerged']:.3f} | {infer['unmerged'] / infer['base']:.3f} |")
+    print(f"| inference, bare base (again) | {merged['base']:.3f} | 1.00 |")
+    print(f"| inference, loraforge merged | {merged['merged']:.3f} | {merged['merged'] / merged['base']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
