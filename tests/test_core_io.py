@@ -13,7 +13,7 @@ from loraforge.config import LoraConfig
 from loraforge.io import (CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, load_adapter, read_adapter,
                           save_adapter)
 from loraforge.layers import LoraLayer
-from loraforge.model import ModulesToSave, attach, lora_layers, merge, set_adapter
+from loraforge.model import ModulesToSave, attach, merge, set_adapter
 from test_core_model import BUILD, CASES, adapted
 
 

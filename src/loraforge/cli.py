@@ -85,6 +85,7 @@ def add_train(sub):
     p.add_argument("--eval-every", dest="eval_every", type=int)
     p.add_argument("--resume", action="store_const", const=True, help="continue from the last checkpoint in --out")
     p.add_argument("--nproc", type=int, help="data-parallel processes (torch.distributed)")
+    p.add_argument("--fsdp", action="store_const", const=True, help="FSDP2 sharding over GPUs (CUDA, --nproc > 1)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False)
     p.set_defaults(func=_run("train:cli_train"))
 

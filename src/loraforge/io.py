@@ -124,8 +124,10 @@ def target_names(model: nn.Module, name: str) -> list[str]:
     return sorted(short) if selected == adapted else sorted(adapted)
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter `name` as a PEFT-compatible directory (atomic per file)."""
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",
+                 write: bool = True) -> Path:
+    """Write adapter `name` as a PEFT-compatible directory (atomic per file). Under FSDP every
+    process must call this (gathering the shards is collective); only those with `write` write."""
     configs = getattr(model, "lora_configs", {})
     if name not in configs:
         raise LoraError(f"cannot save adapter {name!r}: the model has {', '.join(configs) or 'no adapters'}")
@@ -135,6 +137,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     except OSError as err:
         raise LoraError(f"cannot create adapter directory {path}: {err.strerror}") from None
     tensors, config = _pissa_to_lora(model, name, adapter_state_dict(model, name), configs[name])
+    if not write:
+        return path
     config_bytes = _json_bytes(config.to_peft(target_names(model, name), fan_in_fan_out=_has_conv1d(model, name)))
     atomic_write_files({  # both files or neither: a failed save leaves the previous adapter intact
         path / WEIGHTS_NAME: lambda tmp: _save_safetensors_to(tmp, tensors, {"format": "pt"}),

@@ -340,10 +340,15 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: str | tor
     path = resolve_model_path(name_or_path)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a local load takes a second: no "Loading weights" bar
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise LoraError(f"cannot load model '{name_or_path}' from {path}: {_one_line(err)}") from None
+    finally:
+        hf_logging.enable_progress_bar()
     model.to(dev)
     model.eval()
     model.config.use_cache = True

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
@@ -57,6 +55,7 @@ class TrainConfig:
     val_fraction: float = 0.05
     resume: bool = False
     nproc: int = 1
+    fsdp: bool = False  # FSDP2 (fully_shard per decoder block) on CUDA, with --nproc > 1
     progress: bool = True
 
     def problems(self) -> list[str]:

@@ -7,7 +7,6 @@ training give the same update as one big batch. Logits are computed only where a
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -159,9 +158,10 @@ def train_step(model, micro_batches, optimizer, scheduler, cfg, ctx) -> dict:
         batch = to_device(batch, ctx.device, ctx.mask_dtype)
         with torch.autocast(ctx.device.type, dtype=ctx.autocast or torch.float32, enabled=ctx.autocast is not None):
             loss = answer_loss_sum(model, batch)
-        (loss / max(n_tokens, 1)).backward()
+        (loss * ctx.grad_factor / max(n_tokens, 1)).backward()
         loss_total += loss.detach()
-    dist.all_reduce_grads(ctx.params)
+    if not ctx.fsdp:  # FSDP2 reduce-scatters (averages) gradients itself; grad_factor undoes the mean
+        dist.all_reduce_grads(ctx.params)
     grad_norm = torch.nn.utils.clip_grad_norm_(ctx.params, cfg.max_grad_norm)
     optimizer.step()
     scheduler.step()
@@ -194,6 +194,8 @@ class Context:
     mask_dtype: torch.dtype
     pad_id: int
     params: list[torch.nn.Parameter]
+    fsdp: bool = False
+    grad_factor: int = 1  # FSDP averages gradients over processes; scaling the loss restores the sum
 
 
 def check_output_dir(out: Path, need_bytes: int):
@@ -217,6 +219,10 @@ def preflight(cfg: TrainConfig):
     if not cfg.out:
         raise LoraError("no output directory: pass --out DIR")
     check_output_everywhere(Path(cfg.out), need_bytes=0)
+    if cfg.fsdp and not (torch.cuda.is_available() and dist.world_size() > 1):
+        raise LoraError("--fsdp shards the model over several GPUs: it needs CUDA and --nproc > 1")
+    if cfg.fsdp and cfg.save_every:
+        raise LoraError("--fsdp writes the adapter at the end only: pass --save-every 0 (no resumable checkpoints)")
 
 
 def check_output_everywhere(out: Path, need_bytes: int):
@@ -240,10 +246,13 @@ def train(cfg: TrainConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     prepared = prepare_data(cfg, tokenizer)
     model = build_model(cfg, device)
+    if cfg.fsdp:
+        dist.fsdp_wrap(model)
     params = list(adapter_params(model).values())
     check_output_everywhere(out, need_bytes=sum(p.numel() * 4 for p in params) * 6 + (1 << 20))
     autocast = compute_dtype(effective_precision(cfg, device))
-    ctx = Context(device, autocast, autocast or torch.float32, tokenizer.pad_token_id, params)
+    ctx = Context(device, autocast, autocast or torch.float32, tokenizer.pad_token_id, params, cfg.fsdp,
+                  dist.world_size() if cfg.fsdp else 1)
     optimizer = build_optimizer(model, cfg)
     total = total_steps(cfg, len(prepared.train_rows))
     warmup = int(cfg.warmup_ratio * total)
@@ -257,8 +266,9 @@ def train(cfg: TrainConfig) -> dict:
         announce(cfg, model, prepared, total, autocast, start)
         atomic_write_bytes(out / "train_config.yaml", dump(cfg).encode())
     summary = run_steps(cfg, model, optimizer, scheduler, prepared, ctx, log, start, total, out)
+    if cfg.fsdp or dist.is_main():  # under FSDP every process joins the gather, one writes
+        save_adapter(model, out, write=dist.is_main())
     if dist.is_main():
-        save_adapter(model, out)
         log.plot(out / "loss.png")
     dist.barrier()
     return summary
@@ -342,4 +352,4 @@ OVERRIDABLE = ("model", "data", "out", "rank", "alpha", "dropout", "targets", "e
                "batch_size", "grad_accum", "max_tokens", "max_len", "seed", "precision", "device",
                "gradient_checkpointing", "quantize", "save_every", "eval_every", "resume", "nproc",
                "use_dora", "use_rslora", "loraplus_ratio", "train_on_prompt", "val_fraction", "progress",
-               "warmup_ratio", "weight_decay", "init")
+               "warmup_ratio", "weight_decay", "init", "fsdp")

@@ -40,6 +40,7 @@ class MultiLoraKernel:
         self.group_limit = GROUP_LIMIT
         self.row_stacks: dict[LoraLayer, tuple[torch.Tensor, torch.Tensor]] = {}
         self.kept_slots: list[int] | None = None  # the rows row_stacks were gathered for
+        self.views: dict[int, dict[LoraLayer, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     # --- installing on a model ---------------------------------------------------------
     def install(self, layers: list[LoraLayer]):
@@ -106,9 +107,9 @@ class MultiLoraKernel:
         if not used:
             self.plan = ("base",)
         elif len(used) == 1 and all(s == used[0] for s in slots):
-            self.plan = ("one", used[0], self.ranks[used[0]])
+            self.plan = ("one", used[0])
         elif len(used) <= self.group_limit:
-            self.plan = ("groups", [(s, self._rows_of(slots, s), self.ranks[s]) for s in used])
+            self.plan = ("groups", [(s, self._rows_of(slots, s)) for s in used])
         elif reuse:
             if slots != self.kept_slots:
                 self._gather_rows(slots, max(self.ranks[s] for s in used))
@@ -128,38 +129,56 @@ class MultiLoraKernel:
         self.kept_slots = list(slots)
 
     def _forget_rows(self):
-        self.row_stacks, self.kept_slots = {}, None
+        """Drop gathered rows and cached slot views (after any change to the stacks)."""
+        self.row_stacks, self.kept_slots, self.views = {}, None, {}
 
     def __call__(self, layer: LoraLayer, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """The router: base_out (B, ..., out) plus each row's LoRA increment."""
         kind = self.plan[0]
         if kind == "base" or layer not in self.stacks:
             return base_out
-        At, Bt = self.stacks[layer]
-        x = x.to(At.dtype)
-        if kind == "one":  # every row uses the same adapter: plain matmuls, no copies
-            _, slot, r = self.plan
-            h = x.reshape(-1, x.shape[-1]) @ At[slot, :, :r]  # (B*S, r)
-            out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]).to(h.dtype), h, Bt[slot, :r])
-            return out.view(base_out.shape).to(base_out.dtype)
+        if kind == "one":  # every row uses the same adapter: two plain matmuls, no copies
+            return _add_lora(base_out, x, *self._slot_view(layer, self.plan[1]))
+        if kind == "rows":
+            return _add_lora_rows(base_out, x, *self.row_stacks[layer])
         if kind == "groups":
             out = base_out.clone()
-            for slot, rows, r in self.plan[1]:
-                out.index_add_(0, rows, ((x[rows] @ At[slot, :, :r]) @ Bt[slot, :r]).to(out.dtype))
+            for slot, rows in self.plan[1]:  # one matmul pair per adapter, on its rows only
+                A, B = self._slot_view(layer, slot)
+                xs = x[rows]
+                delta = (xs.reshape(-1, xs.shape[-1]).to(A.dtype) @ A) @ B  # (rows*S, out)
+                out.index_add_(0, rows, delta.view(*xs.shape[:-1], -1).to(out.dtype))
             return out
-        if kind == "rows":
-            return base_out + _bmm2(x, *self.row_stacks[layer]).to(base_out.dtype)
-        _, index, r = self.plan
-        rows_At, rows_Bt = At[:, :, :r].index_select(0, index), Bt[:, :r].index_select(0, index)
-        return base_out + _bmm2(x, rows_At, rows_Bt).to(base_out.dtype)
+        At, Bt = self.stacks[layer]
+        index, r = self.plan[1], self.plan[2]
+        return _add_lora_rows(base_out, x, At[:, :, :r].index_select(0, index), Bt[:, :r].index_select(0, index))
+
+    def _slot_view(self, layer: LoraLayer, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A^T (in, r), (B s)^T (r, out)) of one slot at its own rank, cached per slot."""
+        views = self.views.setdefault(slot, {})
+        if layer not in views:
+            At, Bt = self.stacks[layer]
+            r = self.ranks[slot]
+            views[layer] = (At[slot, :, :r], Bt[slot, :r])
+        return views[layer]
 
     def reset_rows(self):
         self.plan = ("base",)
 
 
-def _bmm2(x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
-    """Row b of x (B, ..., in) times At[b] (in, r), then Bt[b] (r, out): two batched matmuls."""
-    shape = x.shape
-    h = torch.bmm(x.reshape(shape[0], -1, shape[-1]), At)  # (B, S, r)
-    y = torch.bmm(h, Bt)  # (B, S, out)
-    return y.reshape(*shape[:-1], y.shape[-1])
+def _add_lora(base_out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """base_out + (x @ A) @ B with x (..., in), A (in, r), B (r, out)."""
+    h = x.reshape(-1, x.shape[-1]).to(A.dtype) @ A  # (N, r)
+    if base_out.dtype != B.dtype:
+        return base_out + (h @ B).to(base_out.dtype).view(base_out.shape)
+    return torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, B).view(base_out.shape)
+
+
+def _add_lora_rows(base_out: torch.Tensor, x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
+    """Row b of base_out (B, ..., out) plus (x[b] @ At[b]) @ Bt[b]: the batched gather matmul,
+    with At (B, in, r) and Bt (B, r, out) already gathered per row."""
+    rows = x.shape[0]
+    h = torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(At.dtype), At)  # (B, S, r)
+    if base_out.dtype != Bt.dtype:
+        return base_out + torch.bmm(h, Bt).to(base_out.dtype).view(base_out.shape)
+    return torch.baddbmm(base_out.reshape(rows, -1, base_out.shape[-1]), h, Bt).view(base_out.shape)
