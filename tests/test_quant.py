@@ -18,7 +18,7 @@ from loraforge.layers import LoraLinear, dequantize, is_quantized
 from loraforge.model import adapter_params, attach, lora_layers, merge, set_trainable
 from loraforge.quant import nf4_bits_per_weight, quantizable_linears, quantize_model, weight_bytes
 
-pytest.importorskip("bitsandbytes")
+pytest.importorskip("bitsandbytes")  # loraforge[quant]
 
 VOCAB = 512  # the tiny tokenizer's size
 BASE_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -227,8 +227,8 @@ def test_int8_base_trains_evaluates_and_merges():
     unmerged = logits(model.eval(), ids)  # after a forward, bnb keeps the row scales elsewhere
     layer = model.model.layers[0].mlp.up_proj
     assert isinstance(layer, LoraLinear)
-    torch.testing.assert_close(dequantize(layer.base_layer), reference.model.layers[0].mlp.up_proj.base_layer.weight,
-                               atol=2e-3, rtol=0)
+    expected = reference.model.layers[0].mlp.up_proj.base_layer.weight
+    torch.testing.assert_close(dequantize(layer.base_layer), expected, atol=2e-3, rtol=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         merge(model)
@@ -248,8 +248,9 @@ def test_train_eval_generate_with_quantize_nf4(tmp_path, capsys):
     data = write_splits(tmp_path / "data", n_train=24, n_test=4, seed=0, task="dates")
     out = tmp_path / "run"
     assert main(["train", "--model", str(model_dir), "--data", str(data["train"]), "--out", str(out),
-                 "--quantize", "nf4", "--max-steps", "3", "--batch-size", "4", "--max-tokens", "128", "--max-len", "128",
-                 "--precision", "bf16", "--no-progress", "--save-every", "0", "--val-fraction", "0.2"]) == 0
+                 "--quantize", "nf4", "--precision", "bf16-base", "--max-steps", "3", "--batch-size", "4",
+                 "--max-tokens", "128", "--max-len", "128", "--no-progress", "--save-every", "0",
+                 "--val-fraction", "0.2"]) == 0
     err = capsys.readouterr().err
     assert "Linear layers in nf4" in err
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

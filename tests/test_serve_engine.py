@@ -264,3 +264,29 @@ def test_adapter_files_carry_what_vllm_reads(paths):
             assert match.group(1).split(".")[-1] in targets
             expected = (rank, module.in_features) if match.group(2) == "A" else (module.out_features, rank)
             assert tuple(tensor.shape) == expected
+
+
+def test_a_failing_step_fails_only_the_requests_in_flight(paths):
+    import queue
+
+    engine = make_engine(paths).start()
+    events: queue.Queue = queue.Queue()
+    forward, calls = engine._forward, []
+
+    def broken_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated kernel failure")
+        return forward(*args, **kwargs)
+
+    engine._forward = broken_once
+    try:
+        engine.submit(greedy("Hello", "alpha"), events.put)
+        failed = events.get(timeout=30)
+        assert failed.kind == "error" and "simulated kernel failure" in str(failed.error)
+        engine.submit(greedy("Hello", "alpha"), events.put)
+        while (event := events.get(timeout=30)).kind == "delta":
+            pass
+        assert event.kind == "done" and engine.in_batch == 0
+    finally:
+        engine.stop()

@@ -136,6 +136,8 @@ def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: torch.d
     targets = quantizable_linears(model)
     n_layers = len(targets)
     if not targets:
+        if any(is_quantized(m) for m in model.modules()):
+            raise LoraError("this model is already quantized")
         raise LoraError("this model has no Linear layer to quantize (besides the output head)")
     odd = [n for n, m in targets.items() if m.weight.device.type == "meta"]
     if odd:
@@ -153,9 +155,10 @@ def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: torch.d
     release.trim()
     linear_after = _linear_bytes(m for m in model.modules() if is_quantized(m))
     after = weight_bytes(model)
-    model.loraforge_quantization = {"method": method, "layers": n_layers, "blocksize": blocksize if method == "nf4" else None,
-                          "bytes_before": before, "bytes_after": after,
-                          "linear_bytes_before": linear_before, "linear_bytes_after": linear_after}
+    model.loraforge_quantization = {
+        "method": method, "layers": n_layers, "blocksize": blocksize if method == "nf4" else None,
+        "bytes_before": before, "bytes_after": after,
+        "linear_bytes_before": linear_before, "linear_bytes_after": linear_after}
     if verbose:
         print(f"loraforge: {describe(model)}", file=sys.stderr)
     return model
@@ -207,10 +210,10 @@ class _Release:
             self.malloc_trim = getattr(libc, "malloc_trim", None)  # glibc only
         except (OSError, AttributeError, ValueError):
             self.ranges, self.madvise = [], None
-        counts: dict[int, int] = {}
-        for _, p in model.named_parameters(remove_duplicate=False):
-            counts[p.data_ptr()] = counts.get(p.data_ptr(), 0) + 1
-        self.shared = {ptr for ptr, n in counts.items() if n > 1}
+        # (start, end, id) of every parameter's bytes: a weight whose bytes any other parameter
+        # also uses (tied, or a view of it) is left alone
+        self.spans = [(p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), id(p))
+                      for _, p in model.named_parameters(remove_duplicate=False)]
 
     def trim(self, every: int = 1):
         self.count += 1
@@ -218,13 +221,15 @@ class _Release:
             self.malloc_trim(0)
 
     def release(self, weight: torch.Tensor):
-        if self.madvise is None or weight.device.type != "cpu" or weight.data_ptr() in self.shared:
+        if self.madvise is None or weight.device.type != "cpu":
             return
         import mmap
 
         start = weight.data_ptr()
         end = start + weight.numel() * weight.element_size()
         if not any(lo <= start and end <= hi for lo, hi in self.ranges):
+            return
+        if any(lo < end and start < hi and ident != id(weight) for lo, hi, ident in self.spans):
             return
         page = mmap.PAGESIZE
         first, last = -(-start // page) * page, end // page * page
@@ -311,6 +316,3 @@ def describe(model: nn.Module) -> str:
             f"{_mib(info['bytes_before'])} -> {_mib(info['bytes_after'])} "
             f"({info['bytes_after'] / info['bytes_before']:.3f}x)")
 
-
-__all__ = ["METHODS", "NF4_BLOCKSIZE", "quantize_model", "quantizable_linears", "to_nf4", "to_int8",
-           "weight_bytes", "nf4_bits_per_weight", "describe"]

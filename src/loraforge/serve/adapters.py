@@ -24,6 +24,7 @@ from loraforge.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from loraforge.layers import LoraEmbedding, LoraLayer
 from loraforge.model import delete_adapter, lora_layers
 from loraforge.serve.kernel import MultiLoraKernel
+from loraforge.serve.metrics import ServeMetrics
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,127}")
 SCRATCH = "serve-loading"  # the name an adapter has on the model while its factors are read
@@ -141,8 +142,10 @@ class AdapterCache:
     """At most `kernel.capacity` adapters in kernel slots, least recently used evicted first.
     An adapter pinned by a running request is never evicted. Engine thread only."""
 
-    def __init__(self, model: nn.Module, kernel: MultiLoraKernel, registry: AdapterRegistry):
+    def __init__(self, model: nn.Module, kernel: MultiLoraKernel, registry: AdapterRegistry,
+                 metrics: ServeMetrics | None = None):
         self.model, self.kernel, self.registry = model, kernel, registry
+        self.metrics = metrics or ServeMetrics()
         self.loaded: OrderedDict[str, Loaded] = OrderedDict()
         self.pins: Counter = Counter()
         self.retired: set[str] = set()  # unloaded while running: evicted when unpinned
@@ -187,6 +190,8 @@ class AdapterCache:
             return False
         self.kernel.clear_slot(self.loaded.pop(name).slot)
         self.evictions += 1
+        self.metrics.adapter_evictions.inc()
+        self.metrics.loaded_adapters.set(len(self.loaded))
         return True
 
     def _free_slot(self) -> int | None:
@@ -212,6 +217,8 @@ class AdapterCache:
         self.loads += 1
         entry = Loaded(slot, path, max((A.shape[0] for A, _, _ in factors.values()), default=0))
         self.loaded[name] = entry
+        self.metrics.adapter_loads.inc()
+        self.metrics.loaded_adapters.set(len(self.loaded))
         return entry
 
 

@@ -84,6 +84,7 @@ class Sequence:
         self.slot = 0
         self.pinned = False
         self.cancelled = False
+        self.admitted = False
         self.finished = False
         self.arrival = time.perf_counter()
         self.last_token_at: float | None = None
@@ -106,17 +107,18 @@ class Engine:
         self.pad_id = pad_token_id(tokenizer, self.eos_ids)
         self.kernel = MultiLoraKernel(max_loaded)
         self.kernel.install([layer for _, layer in lora_layers(model)])
-        self.adapters = AdapterCache(model, self.kernel, registry) if registry is not None else None
+        self.adapters = AdapterCache(model, self.kernel, registry, self.metrics) if registry is not None else None
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         new_cache(model.config)  # refuses unsupported cache layouts early
         self.batch = empty_batch(model.config, self.device)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
+        self.in_batch = 0  # admitted and not finished (running, or being prefilled)
+        self.prefilling: list[Sequence] = []
         self.tasks: list[tuple[Callable, Future]] = []
         self.cv = threading.Condition()
         self.stopping = False
         self.thread: threading.Thread | None = None
-        self._counted = (0, 0)  # adapter loads / evictions already added to the metrics
         self.on_token: Callable[[Sequence, float], None] | None = None  # per-token hook (benchmarks)
 
     # --- the thread-safe surface ---------------------------------------------------------
@@ -128,7 +130,7 @@ class Engine:
         with self.cv:
             if self.stopping:
                 raise QueueFull("the server is shutting down")
-            room = self.max_queue + max(0, self.max_batch - len(self.running))
+            room = self.max_queue + max(0, self.max_batch - self.in_batch)
             if len(self.waiting) >= room:
                 self.metrics.rejected.inc()
                 raise QueueFull(f"the request queue is full ({len(self.waiting)} waiting); retry later")
@@ -191,9 +193,10 @@ class Engine:
         """One engine iteration: tasks, cancellations, admission + prefill, one decode step."""
         self._run_tasks()
         self._drop_cancelled()
-        admitted = self._admit()
-        for chunk in self._prefill_chunks(admitted):
+        self.prefilling = self._admit()
+        for chunk in self._prefill_chunks(self.prefilling):
             self._prefill(chunk)
+        self.prefilling = []
         if self.running:
             self._decode()
         self._update_gauges()
@@ -222,6 +225,8 @@ class Engine:
             elif self._pin_adapter(seq):
                 self._unqueue(seq)
                 if not seq.finished:
+                    seq.admitted = True
+                    self.in_batch += 1
                     admitted.append(seq)
         return admitted
 
@@ -369,6 +374,8 @@ class Engine:
         if seq.finished:
             return False
         seq.finished = True
+        if seq.admitted:
+            self.in_batch -= 1
         if seq.pinned and self.adapters is not None:
             self.adapters.release(seq.request.adapter)
             seq.pinned = False
@@ -385,21 +392,15 @@ class Engine:
     def _fail_all(self, error: Exception):
         with self.cv:
             waiting, self.waiting = self.waiting, []
-        for seq in waiting + self.running:
-            self._finish(seq, error=error)
-        self.running = []
+        for seq in waiting + self.prefilling + self.running:
+            self._finish(seq, error=error)  # once per sequence: a finished one is skipped
+        self.running, self.prefilling, self.in_batch = [], [], 0
         self.batch = empty_batch(self.model.config, self.device)
         self._update_gauges()
 
     def _update_gauges(self):
         self.metrics.queue_depth.set(len(self.waiting))
-        self.metrics.running.set(len(self.running))
-        if self.adapters is not None:
-            self.metrics.loaded_adapters.set(len(self.adapters.loaded))
-            loads, evictions = self.adapters.loads, self.adapters.evictions
-            self.metrics.adapter_loads.inc(loads - self._counted[0])
-            self.metrics.adapter_evictions.inc(evictions - self._counted[1])
-            self._counted = (loads, evictions)
+        self.metrics.running.set(self.in_batch)
 
 
 # --- sampling ----------------------------------------------------------------------------------

@@ -7,22 +7,29 @@ each row of the batch gather its own slot. Ranks are zero-padded to the largest 
 adapters of different ranks share one batched matmul (the padding adds exact zeros). Slot 0 is
 all zeros: rows without an adapter get no update.
 
-Per layer, for n slots:  At (n, in, r_max) = A^T  and  Bt (n, r_max, out) = (B * scaling)^T, so
-    y[b] = base_out[b] + (x[b] @ At[slot[b]]) @ Bt[slot[b]]
-The kernel is installed as `LoraLayer.router`, so the wrappers keep computing the base output
-and the kernel adds the routed LoRA increment.
+Per layer, for n slots:  A (n, r_max, in)  and  B (n, out, r_max) = B * scaling, so that
+    y[b] = base_out[b] + B[slot[b]] @ (A[slot[b]] @ x[b])
+How a forward applies them depends on the batch (`set_rows`):
+    base    no row has an adapter: nothing to add
+    one     every row has the same adapter: two plain matmuls (no copies)
+    groups  a few adapters: one matmul pair per adapter, on its rows
+    gather  many adapters: per-row weights gathered, two batched matmuls (torch.bmm)
+    rows    the same for decode steps, with the gathered weights kept while the batch keeps
+            the same rows (gathering costs about as much as the matmuls themselves)
+The kernel is installed as `LoraLayer.router`: the wrappers compute the base output and the
+kernel adds the routed LoRA increment.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from loraforge import LoraError
 from loraforge.layers import LoraLayer, LoraLinear
 
-# With at most this many distinct adapters in a batch, rows are grouped per adapter (one plain
-# matmul pair each, no weight copy); above it, weights are gathered per row for two bmm calls
-# (for decode steps, gathered once and reused while the batch keeps the same rows).
-GROUP_LIMIT = 4
+GROUP_LIMIT = 4  # up to this many distinct adapters in a batch: per-adapter matmuls, no gather
+
+Pair = tuple[torch.Tensor, torch.Tensor]
 
 
 class MultiLoraKernel:
@@ -34,13 +41,13 @@ class MultiLoraKernel:
         self.capacity = capacity
         self.r_max = 1
         self.ranks = [0] * (capacity + 1)  # rank per slot (0: empty)
-        self.stacks: dict[LoraLayer, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.stacks: dict[LoraLayer, Pair] = {}  # layer -> (A (n, r_max, in), B (n, out, r_max))
         self.plan: tuple = ("base",)  # how the next forward routes rows (see set_rows)
         self.device = torch.device("cpu")
         self.group_limit = GROUP_LIMIT
-        self.row_stacks: dict[LoraLayer, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.kept_slots: list[int] | None = None  # the rows row_stacks were gathered for
-        self.views: dict[int, dict[LoraLayer, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.views: dict[int, dict[LoraLayer, Pair]] = {}  # slot -> layer -> (A (r, in), B (out, r))
+        self.row_stacks: dict[LoraLayer, Pair] = {}  # layer -> (At (rows, in, r), Bt (rows, r, out))
+        self.kept_slots: list[int] | None = None  # the rows that row_stacks were gathered for
 
     # --- installing on a model ---------------------------------------------------------
     def install(self, layers: list[LoraLayer]):
@@ -53,21 +60,21 @@ class MultiLoraKernel:
             if layer not in self.stacks:
                 self.stacks[layer] = self._zeros(layer, self.r_max)
 
-    def _zeros(self, layer: LoraLinear, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _zeros(self, layer: LoraLinear, r: int) -> Pair:
         weight = layer.base_layer.weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         n = self.capacity + 1
-        At = torch.zeros(n, layer.in_features, r, dtype=dtype, device=weight.device)  # (n, in, r)
-        Bt = torch.zeros(n, r, layer.out_features, dtype=dtype, device=weight.device)  # (n, r, out)
-        return At, Bt
+        A = torch.zeros(n, r, layer.in_features, dtype=dtype, device=weight.device)  # (n, r, in)
+        B = torch.zeros(n, layer.out_features, r, dtype=dtype, device=weight.device)  # (n, out, r)
+        return A, B
 
     def _grow_rank(self, r: int):
         """Zero-pad every stack to rank r (existing slots keep their values)."""
-        for layer, (At, Bt) in self.stacks.items():
-            new_At, new_Bt = self._zeros(layer, r)
-            new_At[:, :, : self.r_max] = At
-            new_Bt[:, : self.r_max, :] = Bt
-            self.stacks[layer] = (new_At, new_Bt)
+        for layer, (A, B) in self.stacks.items():
+            new_A, new_B = self._zeros(layer, r)
+            new_A[:, : self.r_max] = A
+            new_B[:, :, : self.r_max] = B
+            self.stacks[layer] = (new_A, new_B)
         self.r_max = r
 
     # --- slots -------------------------------------------------------------------------
@@ -77,32 +84,39 @@ class MultiLoraKernel:
         Layers the adapter does not touch get zeros in that slot."""
         if not 1 <= slot <= self.capacity:
             raise LoraError(f"slot {slot} is outside 1..{self.capacity}")
-        self._forget_rows()
         self.install(list(factors))
         rank = max((A.shape[0] for A, _, _ in factors.values()), default=0)
         if rank > self.r_max:
             self._grow_rank(rank)
         self.clear_slot(slot)
         for layer, (A, B, scaling) in factors.items():
-            At, Bt = self.stacks[layer]
+            stack_A, stack_B = self.stacks[layer]
             r = A.shape[0]
-            At[slot, :, :r] = A.T.to(At.dtype)
-            Bt[slot, :r, :] = (B.float() * scaling).T.to(Bt.dtype)
+            stack_A[slot, :r] = A.to(stack_A.dtype)
+            stack_B[slot, :, :r] = (B.float() * scaling).to(stack_B.dtype)
         self.ranks[slot] = rank
 
     @torch.no_grad()
     def clear_slot(self, slot: int):
-        self._forget_rows()
-        for At, Bt in self.stacks.values():
-            At[slot].zero_()
-            Bt[slot].zero_()
+        self._invalidate()
+        for A, B in self.stacks.values():
+            A[slot].zero_()
+            B[slot].zero_()
         self.ranks[slot] = 0
+
+    def _invalidate(self):
+        """The stacks changed: drop cached slot views and gathered rows."""
+        self.views = {}
+        self._forget_rows()
+
+    def _forget_rows(self):
+        self.row_stacks, self.kept_slots = {}, None
 
     # --- routing -----------------------------------------------------------------------
     def set_rows(self, slots: list[int], reuse: bool = False):
         """Choose the adapter slot of each batch row for the next forward pass(es).
-        reuse=True (decode steps): the rows' weights are gathered once into row-ordered stacks
-        that later steps reuse for as long as the batch keeps the same rows."""
+        reuse=True (decode steps): per-row weights are gathered once and reused by later
+        steps for as long as the batch keeps the same rows."""
         used = sorted({s for s in slots if s})
         if not used:
             self.plan = ("base",)
@@ -116,69 +130,72 @@ class MultiLoraKernel:
             self.plan = ("rows",)
         else:
             self.plan = ("gather", torch.tensor(slots, device=self.device), max(self.ranks[s] for s in used))
-        if self.plan[0] != "rows" and reuse:
+        if reuse and self.plan[0] != "rows":
             self._forget_rows()
+
+    def reset_rows(self):
+        self.plan = ("base",)
 
     def _rows_of(self, slots: list[int], slot: int) -> torch.Tensor:
         return torch.tensor([i for i, s in enumerate(slots) if s == slot], device=self.device)
 
     def _gather_rows(self, slots: list[int], r: int):
         index = torch.tensor(slots, device=self.device)
-        self.row_stacks = {layer: (At[:, :, :r].index_select(0, index), Bt[:, :r].index_select(0, index))
-                           for layer, (At, Bt) in self.stacks.items()}  # (B, in, r), (B, r, out)
+        self.row_stacks = {layer: gather_rows(A, B, index, r) for layer, (A, B) in self.stacks.items()}
         self.kept_slots = list(slots)
 
-    def _forget_rows(self):
-        """Drop gathered rows and cached slot views (after any change to the stacks)."""
-        self.row_stacks, self.kept_slots, self.views = {}, None, {}
+    def _slot_view(self, layer: LoraLayer, slot: int) -> Pair:
+        """(A (r, in), B (out, r)) of one slot at its own rank, contiguous, cached per slot."""
+        views = self.views.setdefault(slot, {})
+        if layer not in views:
+            A, B = self.stacks[layer]
+            r = self.ranks[slot]
+            views[layer] = (A[slot, :r], B[slot, :, :r].contiguous())
+        return views[layer]
 
     def __call__(self, layer: LoraLayer, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """The router: base_out (B, ..., out) plus each row's LoRA increment."""
         kind = self.plan[0]
         if kind == "base" or layer not in self.stacks:
             return base_out
-        if kind == "one":  # every row uses the same adapter: two plain matmuls, no copies
-            return _add_lora(base_out, x, *self._slot_view(layer, self.plan[1]))
+        if kind == "one":
+            return add_lora(base_out, x, *self._slot_view(layer, self.plan[1]))
         if kind == "rows":
-            return _add_lora_rows(base_out, x, *self.row_stacks[layer])
+            return add_lora_rows(base_out, x, *self.row_stacks[layer])
         if kind == "groups":
             out = base_out.clone()
-            for slot, rows in self.plan[1]:  # one matmul pair per adapter, on its rows only
-                A, B = self._slot_view(layer, slot)
-                xs = x[rows]
-                delta = (xs.reshape(-1, xs.shape[-1]).to(A.dtype) @ A) @ B  # (rows*S, out)
-                out.index_add_(0, rows, delta.view(*xs.shape[:-1], -1).to(out.dtype))
+            for slot, rows in self.plan[1]:
+                out.index_add_(0, rows, lora_delta(x[rows], *self._slot_view(layer, slot)).to(out.dtype))
             return out
-        At, Bt = self.stacks[layer]
-        index, r = self.plan[1], self.plan[2]
-        return _add_lora_rows(base_out, x, At[:, :, :r].index_select(0, index), Bt[:, :r].index_select(0, index))
-
-    def _slot_view(self, layer: LoraLayer, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A^T (in, r), (B s)^T (r, out)) of one slot at its own rank, cached per slot."""
-        views = self.views.setdefault(slot, {})
-        if layer not in views:
-            At, Bt = self.stacks[layer]
-            r = self.ranks[slot]
-            views[layer] = (At[slot, :, :r], Bt[slot, :r])
-        return views[layer]
-
-    def reset_rows(self):
-        self.plan = ("base",)
+        A, B = self.stacks[layer]
+        return add_lora_rows(base_out, x, *gather_rows(A, B, self.plan[1], self.plan[2]))
 
 
-def _add_lora(base_out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """base_out + (x @ A) @ B with x (..., in), A (in, r), B (r, out)."""
-    h = x.reshape(-1, x.shape[-1]).to(A.dtype) @ A  # (N, r)
+# --- the math ------------------------------------------------------------------------------------
+def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """B @ (A @ x) for x (..., in), A (r, in), B (out, r): (..., out)."""
+    return F.linear(F.linear(x.to(A.dtype), A), B)
+
+
+def add_lora(base_out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """base_out + B @ (A @ x), fused into one addmm when the dtypes agree."""
     if base_out.dtype != B.dtype:
-        return base_out + (h @ B).to(base_out.dtype).view(base_out.shape)
-    return torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, B).view(base_out.shape)
+        return base_out + lora_delta(x, A, B).to(base_out.dtype)
+    h = F.linear(x.reshape(-1, x.shape[-1]).to(A.dtype), A)  # (N, r)
+    return torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, B.t()).view(base_out.shape)
 
 
-def _add_lora_rows(base_out: torch.Tensor, x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
-    """Row b of base_out (B, ..., out) plus (x[b] @ At[b]) @ Bt[b]: the batched gather matmul,
-    with At (B, in, r) and Bt (B, r, out) already gathered per row."""
+def gather_rows(A: torch.Tensor, B: torch.Tensor, index: torch.Tensor, r: int) -> Pair:
+    """Per-row weights (At (rows, in, r), Bt (rows, r, out)), laid out for torch.bmm."""
+    At = A[:, :r].index_select(0, index).transpose(1, 2).contiguous()
+    Bt = B[:, :, :r].index_select(0, index).transpose(1, 2).contiguous()
+    return At, Bt
+
+
+def add_lora_rows(base_out: torch.Tensor, x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
+    """Row b of base_out (rows, ..., out) plus (x[b] @ At[b]) @ Bt[b]: the batched gather matmul."""
     rows = x.shape[0]
-    h = torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(At.dtype), At)  # (B, S, r)
+    h = torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(At.dtype), At)  # (rows, S, r)
     if base_out.dtype != Bt.dtype:
         return base_out + torch.bmm(h, Bt).to(base_out.dtype).view(base_out.shape)
     return torch.baddbmm(base_out.reshape(rows, -1, base_out.shape[-1]), h, Bt).view(base_out.shape)
