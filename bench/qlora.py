@@ -25,7 +25,7 @@ it goes; from run to run the same training can peak 30% apart. `--stable-rss` se
 MALLOC_MMAP_THRESHOLD_=131072 for every run, so that large tensors are returned to the system
 when freed and the peak follows the memory actually live (at some cost in speed, for all runs).
 
-    python bench/qlora.py                                   # the full run (1 epoch of 2000 examples)
+    python bench/qlora.py                 # the full run: the demo recipe (60 steps), 2000 / 100 examples
     python bench/qlora.py --steps 12 --n-train 200 --n-test 40 --threads 1 --stable-rss   # reduced
 """
 from __future__ import annotations
@@ -189,7 +189,7 @@ def verdicts(results: dict) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--steps", type=int, default=0, help="optimizer steps (0: the demo recipe's one epoch)")
+    parser.add_argument("--steps", type=int, default=0, help="optimizer steps (0: the demo recipe's, 60)")
     parser.add_argument("--n-train", dest="n_train", type=int, default=2000)
     parser.add_argument("--n-test", dest="n_test", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown run(s) {unknown}; choose from {', '.join(RUNS)}")
     results = bench(args)
     print(f"QLoRA benchmark: {args.model}, demo task 'extract' ({args.n_train} train / {args.n_test} test examples), "
-          f"{'steps: ' + str(args.steps) if args.steps else 'one epoch'}"
+          f"steps: {args.steps or 'the demo recipe'}"
           + (f", OMP_NUM_THREADS={args.threads}" if args.threads else "")
           + (", MALLOC_MMAP_THRESHOLD_=131072" if args.stable_rss else "") + "\n")
     print(table(results))

@@ -34,6 +34,7 @@ from loraforge.models import DEFAULT_MODEL, load_model, load_tokenizer
 from loraforge.serve.adapters import AdapterRegistry
 from loraforge.serve.api import preload
 from loraforge.serve.engine import Engine, GenerationRequest, SamplingParams
+from loraforge.serve.kvcache import new_cache
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = time.perf_counter  # set by --clock
@@ -66,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--skip-peft", action="store_true", help="skip the PEFT switching baseline (slowest)")
     p.add_argument("--repeat", type=int, default=1, help="rounds over all setups; the median run is reported")
+    p.add_argument("--pairs", type=int, default=15,
+                   help="alternating decode steps for the paired overhead measurement (0: skip)")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="cpu: time.process_time, immune to other processes on a shared machine (use with "
                         "--threads 1: then it is the time the run takes on one idle core)")
@@ -117,6 +120,34 @@ def summarize(label: str, stamps: list[list[float]], start: float, seconds: floa
     ttft = sum(s[0] - start for s in stamps) / len(stamps)
     gaps = [(s[-1] - s[0]) / (len(s) - 1) for s in stamps if len(s) > 1]
     return Result(label, tokens, seconds, ttft, sum(gaps) / max(1, len(gaps)))
+
+
+def paired_overhead(engine: Engine, prompts, names: list[str], pairs: int) -> dict[str, float]:
+    """Decode-step time with adapters / without, from forward passes in strict alternation on one
+    batch (the median ratio: robust to a noisy machine). 'one': every row the same adapter;
+    'distinct': row i adapter names[i]."""
+    model, kernel, rows = engine.model, engine.kernel, len(prompts)
+    slots = {name: engine.adapters.acquire(name) for name in set(names)}
+    configs = {"one": [slots[names[0]]] * rows, "distinct": [slots[n] for n in names]}
+    ids = torch.tensor(prompts)
+    with torch.inference_mode():
+        cache = new_cache(model.config)
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, **{engine.cache_arg: cache})
+
+        def step(slot_rows: list[int]) -> float:
+            kernel.set_rows(slot_rows, reuse=True)
+            start = clock()
+            model(input_ids=ids[:, -1:], use_cache=True, logits_to_keep=1, **{engine.cache_arg: cache})
+            seconds = clock() - start
+            for layer in cache.layers:  # drop the appended column: every step sees the same cache
+                layer.keys, layer.values = layer.keys[:, :, :ids.shape[1]], layer.values[:, :, :ids.shape[1]]
+            return seconds
+
+        ratios = {key: [step(r) / step([0] * rows) for _ in range(pairs)] for key, r in configs.items()}
+    kernel.reset_rows()
+    for name in names:
+        engine.adapters.release(name)
+    return {key: sorted(v)[len(v) // 2] for key, v in ratios.items()}
 
 
 # --- baselines -------------------------------------------------------------------------------------
@@ -185,7 +216,7 @@ def table(results: list[Result], base: Result, args) -> str:
     return "\n".join(lines)
 
 
-def targets(results: dict[str, Result]) -> str:
+def targets(results: dict[str, Result], paired: dict[str, float]) -> str:
     base, lines = results["base"], []
     many, one = results.get("many"), results.get("one")
     if many:
@@ -197,8 +228,11 @@ def targets(results: dict[str, Result]) -> str:
         lines.append(f"- distinct adapters vs batched generate on the bare base: "
                      f"{many.throughput / results['hf'].throughput:.2f}x (target >= 2x)")
     if one:
-        lines.append(f"- per-token overhead of one unmerged adapter: "
+        lines.append(f"- per-token overhead of one unmerged adapter (end to end): "
                      f"{100 * (one.per_token / base.per_token - 1):+.1f}% (target <= 3%)")
+    for key, label in (("one", "one adapter in every row"), ("distinct", "a distinct adapter per row")):
+        if key in paired:
+            lines.append(f"- decode step, {label}, paired with base-only steps: {100 * (paired[key] - 1):+.1f}%")
     return "\n".join(lines)
 
 
@@ -207,8 +241,8 @@ def median_result(results: list[Result]) -> Result:
     return sorted(results, key=lambda r: r.throughput)[len(results) // 2]
 
 
-def runners(args, model, tokenizer, paths: list[Path], prompts, counts: list[int], tmp: str) -> dict:
-    """{key: zero-argument function returning a Result}, in the order they run each round."""
+def runners(args, model, tokenizer, paths: list[Path], prompts, counts: list[int], tmp: str) -> tuple[Engine, dict]:
+    """The engine, and {key: zero-argument function returning a Result} in the order they run."""
     engine = Engine(model, tokenizer, AdapterRegistry(tmp), max_batch=args.requests, max_loaded=max(counts),
                     max_queue=args.requests, prefill_tokens=args.requests * args.prompt_tokens)
     run_engine(engine, prompts[:4], [None] * 4, 4, "warm-up")
@@ -225,7 +259,7 @@ def runners(args, model, tokenizer, paths: list[Path], prompts, counts: list[int
         names = [paths[i % max(counts)].name for i in range(args.requests)]
         peft_model = peft_with_adapters(args.model, paths, sorted(set(names)))
         jobs["peft"] = lambda: run_peft(peft_model, prompts, names, args.new_tokens, tokenizer.pad_token_id)
-    return jobs
+    return engine, jobs
 
 
 def main(argv=None) -> int:
@@ -240,17 +274,19 @@ def main(argv=None) -> int:
     counts = [args.requests if c == "all" else int(c) for c in args.adapters.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(model, max(counts), args.rank, Path(tmp))
-        jobs = runners(args, model, tokenizer, paths, prompts, counts, tmp)
+        engine, jobs = runners(args, model, tokenizer, paths, prompts, counts, tmp)
         samples: dict[str, list[Result]] = {key: [] for key in jobs}
         for round_ in range(args.repeat):  # interleaved, so that load changes hit every setup alike
             for key, job in jobs.items():
                 samples[key].append(job())
                 print(f"round {round_ + 1}: {samples[key][-1].name}: {samples[key][-1].throughput:.1f} tokens/s",
                       file=sys.stderr, flush=True)
+        distinct = [paths[i % max(counts)].name for i in range(args.requests)]
+        paired = paired_overhead(engine, prompts, distinct, args.pairs) if args.pairs else {}
     runs = {key: median_result(results) for key, results in samples.items()}
     print(table(list(runs.values()), runs["base"], args))
     print()
-    print(targets(runs))
+    print(targets(runs, paired))
     return 0
 
 

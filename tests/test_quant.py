@@ -15,8 +15,8 @@ from loraforge.config import LoraConfig
 from loraforge.estimate import nf4_bytes
 from loraforge.io import load_adapter, save_adapter
 from loraforge.layers import LoraLinear, dequantize, is_quantized
-from loraforge.model import adapter_params, attach, lora_layers, merge, set_trainable
-from loraforge.quant import nf4_bits_per_weight, quantizable_linears, quantize_model, weight_bytes
+from loraforge.model import adapter_params, attach, lora_layers, merge, merge_and_unload, set_trainable
+from loraforge.quant import dequantize_model, nf4_bits_per_weight, quantizable_linears, quantize_model, weight_bytes
 
 pytest.importorskip("bitsandbytes")  # loraforge[quant]
 
@@ -206,6 +206,20 @@ def test_merge_into_nf4_warns_and_rounds_only():
     merged = logits(model, ids)
     assert rel(merged, unmerged) > 1e-3  # one more NF4 rounding, of W + dW ...
     assert (merged - unmerged).norm() < 0.3 * (unmerged - without).norm()  # ... small next to the adapter's effect
+
+
+def test_adapter_merged_into_the_dequantized_base_keeps_the_trained_model(tmp_path):
+    nf4 = lora(quantize_model(tiny_llama(), "nf4", verbose=False))
+    save_adapter(nf4, tmp_path / "adapter")
+    ids = batch()
+    trained = logits(nf4, ids)
+    base = dequantize_model(quantize_model(tiny_llama(), "nf4", verbose=False))
+    assert not any(is_quantized(m) for m in base.modules())
+    assert type(base.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    load_adapter(base, tmp_path / "adapter")
+    merged = merge_and_unload(base)  # exact: a float base
+    assert not any(isinstance(m, LoraLinear) for m in merged.modules())
+    assert rel(logits(merged, ids), trained) < 1e-4
 
 
 # --- int8 -------------------------------------------------------------------------------------------

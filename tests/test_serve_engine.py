@@ -75,6 +75,7 @@ def test_router_kernel_equals_mixed_batch(paths, plan, rows):
         load_adapter(reference, paths["adapters"] / name, name, activate=False)
     engine = make_engine(paths, max_loaded=3)
     engine.kernel.group_limit = 4 if plan == "groups" else 0
+    engine.kernel.rows_per_group = 1
     slots = {name: engine.adapters.acquire(name) for name in ADAPTERS}
     ids = torch.randint(0, 400, (len(rows), 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad(), mixed_batch(reference, rows):
@@ -98,6 +99,7 @@ def test_batched_mixed_decode_equals_solo_token_for_token(paths):
     requests = [greedy(p, m, n=10 + 3 * i) for i, p in enumerate(PROMPTS) for m in MODELS]
     solo = [run(engine, [r])[0] for r in requests]
     together = run(engine, requests)
+    engine.kernel.rows_per_group = 1  # per-adapter groups whenever there are at most 8 adapters
     staggered = run(engine, requests, stagger=2)  # joins between decode steps, leaves at different times
     engine.kernel.group_limit = 0  # the gathered-rows kernel path as well
     gathered = run(engine, requests, stagger=1)

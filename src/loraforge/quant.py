@@ -164,6 +164,27 @@ def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: torch.d
     return model
 
 
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace, in place, every 4-bit / 8-bit layer (also under a LoRA wrapper) by a plain frozen
+    nn.Linear holding its dequantized weight in `dtype`. The model then computes what the
+    quantized one did, in full precision: merge an adapter trained over NF4 into it to keep
+    exactly the trained model (merging into the original float weights instead changes the base
+    under the adapter by the quantization error)."""
+    from loraforge.layers import LoraLayer, dequantize
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer) or not is_quantized(module):
+            continue
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        linear.weight = nn.Parameter(dequantize(module).to(dtype), requires_grad=False)
+        if module.bias is not None:
+            linear.bias = module.bias
+        linear.train(module.training)
+        _set_submodule(model, name, linear)
+    model.loraforge_quantization = None
+    return model
+
+
 def _linear_bytes(layers) -> int:
     """Bytes of the weights (and quantization state) of these Linear layers, biases excluded."""
     total = 0
@@ -305,7 +326,7 @@ def nf4_bits_per_weight(blocksize: int = NF4_BLOCKSIZE, nested_blocksize: int = 
 
 
 def describe(model: nn.Module) -> str:
-    """One line on how the model's Linear weights are stored."""
+    """One line on how the model's Linear weights are stored (after `quantize_model`)."""
     info = getattr(model, "loraforge_quantization", None)
     if not info:
         return f"base weights {_mib(weight_bytes(model))} (not quantized)"

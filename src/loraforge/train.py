@@ -91,7 +91,8 @@ def compute_dtype(precision: str) -> torch.dtype | None:
 
 
 def build_model(cfg: TrainConfig, device: torch.device):
-    base_dtype = "bfloat16" if effective_precision(cfg, device) == "bf16-base" else "float32"
+    precision = effective_precision(cfg, device)  # QLoRA keeps the unquantized rest in bf16 too
+    base_dtype = "bfloat16" if precision == "bf16-base" or (cfg.quantize and precision == "bf16") else "float32"
     model = load_model(cfg.model, dtype=base_dtype, device=str(device))
     if cfg.quantize:
         from loraforge.quant import quantize_model

@@ -12,7 +12,7 @@ Per layer, for n slots:  A (n, r_max, in)  and  B (n, out, r_max) = B * scaling,
 How a forward applies them depends on the batch (`set_rows`):
     base    no row has an adapter: nothing to add
     one     every row has the same adapter: two plain matmuls (no copies)
-    groups  a few adapters: one matmul pair per adapter, on its rows
+    groups  a few adapters over many rows: one matmul pair per adapter, on its rows
     gather  many adapters: per-row weights gathered, two batched matmuls (torch.bmm)
     rows    the same for decode steps, with the gathered weights kept while the batch keeps
             the same rows (gathering costs about as much as the matmuls themselves)
@@ -27,7 +27,10 @@ import torch.nn.functional as F
 from loraforge import LoraError
 from loraforge.layers import LoraLayer, LoraLinear
 
-GROUP_LIMIT = 4  # up to this many distinct adapters in a batch: per-adapter matmuls, no gather
+# Per-adapter matmuls ("groups") read each adapter once but cost a few small ops per adapter;
+# gathering reads one adapter per row in two ops. Groups win for a few adapters over many rows.
+GROUP_LIMIT = 8  # at most this many distinct adapters...
+ROWS_PER_GROUP = 6  # ...with at least this many rows each, on average
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -44,7 +47,7 @@ class MultiLoraKernel:
         self.stacks: dict[LoraLayer, Pair] = {}  # layer -> (A (n, r_max, in), B (n, out, r_max))
         self.plan: tuple = ("base",)  # how the next forward routes rows (see set_rows)
         self.device = torch.device("cpu")
-        self.group_limit = GROUP_LIMIT
+        self.group_limit, self.rows_per_group = GROUP_LIMIT, ROWS_PER_GROUP
         self.views: dict[int, dict[LoraLayer, Pair]] = {}  # slot -> layer -> (A (r, in), B (out, r))
         self.row_stacks: dict[LoraLayer, Pair] = {}  # layer -> (At (rows, in, r), Bt (rows, r, out))
         self.kept_slots: list[int] | None = None  # the rows that row_stacks were gathered for
@@ -122,7 +125,7 @@ class MultiLoraKernel:
             self.plan = ("base",)
         elif len(used) == 1 and all(s == used[0] for s in slots):
             self.plan = ("one", used[0])
-        elif len(used) <= self.group_limit:
+        elif len(used) <= self.group_limit and len(used) * self.rows_per_group <= len(slots):
             self.plan = ("groups", [(s, self._rows_of(slots, s)) for s in used])
         elif reuse:
             if slots != self.kept_slots:
