@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 MODEL = "smollm2-135m-instruct"
+ENV = dict(os.environ)  # --threads sets OMP_NUM_THREADS for every child run
 
 
 def run_loraforge(data: Path, out: Path, steps: int, precision: str) -> dict:
@@ -32,7 +33,7 @@ def run_loraforge(data: Path, out: Path, steps: int, precision: str) -> dict:
            "--rank", "8", "--alpha", "16", "--targets", "all-linear", "--batch-size", "4",
            "--max-tokens", "256", "--max-len", "256", "--max-steps", str(steps), "--precision", precision,
            "--save-every", "0", "--val-fraction", "0", "--no-progress", "--lr", "1e-4"]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"records": records, "peak_rss_mb": max(r["peak_memory_mb"] for r in records)}
 
@@ -81,7 +82,7 @@ def peft_child(data: str, steps: int, bf16: bool) -> None:
 
 def run_peft(data: Path, steps: int, bf16: bool) -> dict:
     out = subprocess.run([sys.executable, __file__, "--peft-child", str(data), "--steps", str(steps)]
-                         + (["--bf16"] if bf16 else []), check=True, capture_output=True, text=True)
+                         + (["--bf16"] if bf16 else []), check=True, capture_output=True, text=True, env=ENV)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -127,7 +128,10 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=200)
     parser.add_argument("--peft-child")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="threads per run (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        ENV["OMP_NUM_THREADS"] = str(args.threads)
     if args.peft_child:
         return peft_child(args.peft_child, args.steps, args.bf16)
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
@@ -139,7 +143,8 @@ def main() -> None:
         rows.append((label, speed_loraforge(ours, args.warmup), ours["peak_rss_mb"],
                      speed_peft(peft, args.warmup), peft["peak_rss_mb"]))
     print(f"SmolLM2-135M-Instruct, LoRA r=8 all-linear, batch 4 x <=256 tokens, {args.steps} steps "
-          f"({args.warmup} warm-up), {os.cpu_count()} CPU cores\n")
+          f"({args.warmup} warm-up), {os.cpu_count()} CPU cores, "
+          f"{args.threads or 'default'} thread(s) per run\n")
     print("| settings | loraforge tokens/s | PEFT+Trainer tokens/s | speed ratio | loraforge peak RSS MB "
           "| PEFT peak RSS MB | memory ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -144,7 +144,7 @@ class MultiLoraKernel:
 
     def _gather_rows(self, slots: list[int], r: int):
         index = torch.tensor(slots, device=self.device)
-        self.row_stacks = {layer: gather_rows(A, B, index, r) for layer, (A, B) in self.stacks.items()}
+        self.row_stacks = {layer: gather_rows(A, B, index, r, contiguous=True) for layer, (A, B) in self.stacks.items()}
         self.kept_slots = list(slots)
 
     def _slot_view(self, layer: LoraLayer, slot: int) -> Pair:
@@ -181,18 +181,20 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tenso
 
 
 def add_lora(base_out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """base_out + B @ (A @ x), fused into one addmm when the dtypes agree."""
+    """base_out + B @ (A @ x), accumulated in place into the (fresh) base output."""
     if base_out.dtype != B.dtype:
         return base_out + lora_delta(x, A, B).to(base_out.dtype)
     h = F.linear(x.reshape(-1, x.shape[-1]).to(A.dtype), A)  # (N, r)
-    return torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, B.t()).view(base_out.shape)
+    out = base_out.reshape(-1, base_out.shape[-1])  # (N, out), a view when base_out is contiguous
+    return out.addmm_(h, B.t()).view(base_out.shape)
 
 
-def gather_rows(A: torch.Tensor, B: torch.Tensor, index: torch.Tensor, r: int) -> Pair:
-    """Per-row weights (At (rows, in, r), Bt (rows, r, out)), laid out for torch.bmm."""
-    At = A[:, :r].index_select(0, index).transpose(1, 2).contiguous()
-    Bt = B[:, :, :r].index_select(0, index).transpose(1, 2).contiguous()
-    return At, Bt
+def gather_rows(A: torch.Tensor, B: torch.Tensor, index: torch.Tensor, r: int, contiguous: bool = False) -> Pair:
+    """Per-row weights (At (rows, in, r), Bt (rows, r, out)) for torch.bmm; `contiguous` lays
+    them out for fast reuse (decode steps), at the price of one more copy."""
+    At = A[:, :r].index_select(0, index).transpose(1, 2)
+    Bt = B[:, :, :r].index_select(0, index).transpose(1, 2)
+    return (At.contiguous(), Bt.contiguous()) if contiguous else (At, Bt)
 
 
 def add_lora_rows(base_out: torch.Tensor, x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
@@ -201,4 +203,5 @@ def add_lora_rows(base_out: torch.Tensor, x: torch.Tensor, At: torch.Tensor, Bt:
     h = torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(At.dtype), At)  # (rows, S, r)
     if base_out.dtype != Bt.dtype:
         return base_out + torch.bmm(h, Bt).to(base_out.dtype).view(base_out.shape)
-    return torch.baddbmm(base_out.reshape(rows, -1, base_out.shape[-1]), h, Bt).view(base_out.shape)
+    out = base_out.reshape(rows, -1, base_out.shape[-1])  # (rows, S, out)
+    return out.baddbmm_(h, Bt).view(base_out.shape)
