@@ -6,17 +6,30 @@ import math
 import shutil
 
 import torch
+import torch.nn.functional as F
 
 from loraforge import LoraError
 from loraforge import data as D
+
+
+def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy over label positions. Runs the decoder, then the output head only
+    on the positions that have a label: for chat data most positions are prompt, and the head
+    (vocab x hidden) is the largest matmul of a small model."""
+    labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+    where = labels != D.IGNORE_INDEX
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    picked = hidden[:, :-1][where]  # (n_answer_tokens, hidden)
+    logits = model.get_output_embeddings()(picked).float()  # (n, vocab)
+    return F.cross_entropy(logits, labels[where], reduction="sum")
 
 
 @torch.no_grad()
 def answer_loss(model, tokenizer, examples: list[D.Example], max_tokens: int = 1024,
                 batch_size: int = 8) -> float:
     """Mean cross-entropy per answer token, with examples packed as in training."""
-    from loraforge.train import answer_loss_sum
-
     pairs = D.encode_examples(examples, tokenizer, max_len=max_tokens).pairs
     rows = D.pack(pairs, max_tokens)
     device = next(model.parameters()).device

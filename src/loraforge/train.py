@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from loraforge import LoraError
 from loraforge import data as D
 from loraforge import distributed as dist
 from loraforge.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from loraforge.config import LoraConfig
+from loraforge.evaluate import answer_loss_sum
 from loraforge.io import atomic_write_bytes, save_adapter
 from loraforge.metrics import MetricsLog, peak_memory_mb
 from loraforge.model import adapter_params, attach, format_report, parameter_report
@@ -129,20 +129,6 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 # --- the step ----------------------------------------------------------------------------------
-def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed cross-entropy over label positions. Runs the decoder, then the output head only
-    on the positions that have a label: for chat data most positions are prompt, and the head
-    (vocab x hidden) is the largest matmul of a small model."""
-    labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
-    where = labels != D.IGNORE_INDEX
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-    picked = hidden[:, :-1][where]  # (n_answer_tokens, hidden)
-    logits = model.get_output_embeddings()(picked).float()  # (n, vocab)
-    return F.cross_entropy(logits, labels[where], reduction="sum")
-
-
 def to_device(batch: dict, device: torch.device, mask_dtype: torch.dtype) -> dict:
     out = {k: v.to(device) for k, v in batch.items()}
     out["attention_mask"] = out["attention_mask"].to(mask_dtype)
