@@ -7,10 +7,12 @@ makes freshly attached adapters non-zero (B starts at zero, so the update would 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from train_fixture import save_tiny_llama, write_data
 from transformers.utils import logging as hf_logging
 
 hf_logging.set_verbosity_error()
@@ -72,3 +74,14 @@ def gpt2():
 @pytest.fixture
 def ids():
     return torch.randint(0, VOCAB, (3, 7), generator=torch.Generator().manual_seed(5))
+
+
+# Saved tiny model directory and demo-task data, for the CLI tests (one per test module).
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    return write_data(tmp_path_factory.mktemp("data"))

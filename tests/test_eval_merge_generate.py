@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_fixture import FAST, one_line_error, run_cli, save_tiny_llama, write_data
+from train_fixture import FAST, one_line_error, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loraforge import data as D
@@ -19,16 +19,6 @@ from loraforge.io import load_adapter
 from loraforge.models import generate_text, load_model, load_tokenizer
 
 PROMPT = "Extract the person as JSON: Maria Lopez is a 34-year-old pilot from Lisbon."
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
-    return write_data(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from train_fixture import (FAST, adapter_tensors, assert_same_adapter, command, env, metrics, one_line_error,
-                           run_cli, save_tiny_llama, write_data)
+                           run_cli, write_data)
 from transformers import AutoModelForCausalLM
 
 from loraforge import LoraError
@@ -36,16 +36,6 @@ from loraforge.recipes import resolve
 
 STEPS = 30  # long enough that a run can be killed between its first checkpoint and its end
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
-    return write_data(tmp_path_factory.mktemp("data"))
 
 
 def train_args(base: Path, data: Path, out: Path, *extra) -> list[str]:

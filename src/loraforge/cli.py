@@ -54,6 +54,13 @@ def _model_flag(p):
                    help="local transformers directory, hub id, or the embedded default")
 
 
+def _inference_flags(p):
+    """--model, --adapter and --quantize: the base and adapter that eval and generate run."""
+    _model_flag(p)
+    p.add_argument("--adapter", default=None, help="adapter directory (ours or PEFT's)")
+    p.add_argument("--quantize", choices=["nf4", "int8"], default=None, help="4-bit / 8-bit base weights")
+
+
 def add_train(sub):
     p = sub.add_parser("train", help="fine-tune a LoRA adapter on a JSONL file")
     p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
@@ -92,12 +99,10 @@ def add_train(sub):
 
 def add_eval(sub):
     p = sub.add_parser("eval", help="loss, perplexity and exact match of a base model or an adapter")
-    _model_flag(p)
-    p.add_argument("--adapter", default=None)
+    _inference_flags(p)
     p.add_argument("--data", required=True)
     p.add_argument("--limit", type=int, default=0, help="score only the first N rows")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=16)
-    p.add_argument("--quantize", choices=["nf4", "int8"], default=None)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.set_defaults(func=_run("evaluate:cli_eval"))
 
@@ -114,13 +119,11 @@ def add_merge(sub):
 
 def add_generate(sub):
     p = sub.add_parser("generate", help="complete a prompt (greedy by default)")
-    _model_flag(p)
-    p.add_argument("--adapter", default=None)
+    _inference_flags(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", dest="max_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--chat", action="store_true", help="apply the chat template (default: raw text)")
-    p.add_argument("--quantize", choices=["nf4", "int8"], default=None)
     p.set_defaults(func=_run("evaluate:cli_generate"))
 
 

@@ -27,19 +27,25 @@ def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def rows_loss(model, rows: list[dict], pad_id: int, batch_size: int = 8,
+              autocast: torch.dtype | None = None) -> float:
+    """Mean cross-entropy per answer token over packed rows (data.pack), batch by batch."""
+    param = next(model.parameters())
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(param.device) for k, v in D.collate(rows[start:start + batch_size], pad_id).items()}
+        batch["attention_mask"] = batch["attention_mask"].to(autocast or param.dtype)
+        with torch.autocast(param.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            total += float(answer_loss_sum(model, batch))
+        count += D.count_answer_tokens(batch["labels"])
+    return total / max(count, 1)
+
+
 def answer_loss(model, tokenizer, examples: list[D.Example], max_tokens: int = 1024,
                 batch_size: int = 8) -> float:
     """Mean cross-entropy per answer token, with examples packed as in training."""
     pairs = D.encode_examples(examples, tokenizer, max_len=max_tokens).pairs
-    rows = D.pack(pairs, max_tokens)
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in D.collate(rows[start:start + batch_size], tokenizer.pad_token_id).items()}
-        batch["attention_mask"] = batch["attention_mask"].to(next(model.parameters()).dtype)
-        total += float(answer_loss_sum(model, batch))
-        count += D.count_answer_tokens(batch["labels"])
-    return total / max(count, 1)
+    return rows_loss(model, D.pack(pairs, max_tokens), tokenizer.pad_token_id, batch_size)
 
 
 def exact_match(model, tokenizer, examples: list[D.Example], batch_size: int = 16,

@@ -19,7 +19,7 @@ from loraforge import data as D
 from loraforge import distributed as dist
 from loraforge.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from loraforge.config import LoraConfig
-from loraforge.evaluate import answer_loss_sum
+from loraforge.evaluate import answer_loss_sum, rows_loss
 from loraforge.io import atomic_write_bytes, save_adapter
 from loraforge.metrics import MetricsLog, peak_memory_mb
 from loraforge.model import adapter_params, attach, format_report, parameter_report
@@ -158,19 +158,14 @@ def train_step(model, micro_batches, optimizer, scheduler, cfg, ctx) -> dict:
             "answer_tokens": n_tokens, "grad_norm": float(grad_norm)}
 
 
-@torch.no_grad()
 def validation_loss(model, rows, ctx, batch_size: int) -> float | None:
     if not rows:
         return None
     model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = to_device(D.collate(rows[start:start + batch_size], ctx.pad_id), ctx.device, ctx.mask_dtype)
-        with torch.autocast(ctx.device.type, dtype=ctx.autocast or torch.float32, enabled=ctx.autocast is not None):
-            total += float(answer_loss_sum(model, batch))
-        count += D.count_answer_tokens(batch["labels"])
-    model.train()
-    return total / max(count, 1)
+    try:
+        return rows_loss(model, rows, ctx.pad_id, batch_size, ctx.autocast)
+    finally:
+        model.train()
 
 
 # --- the run -----------------------------------------------------------------------------------
