@@ -35,18 +35,18 @@ def add_estimate(sub):
     p.add_argument("--memory-gb", type=float, default=None,
                    help="GPU memory in GiB: print whether the run fits, and the margin")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_run("estimate:cli_estimate"))
+    p.set_defaults(func=_run("tools.estimate:cli_estimate"))
 
 
 def add_demo(sub):
     p = sub.add_parser("demo", help="score, fine-tune and re-score the embedded model on the demo task")
     _model_flag(p)
     p.add_argument("--out", default="out/demo")
-    p.add_argument("--task", default="extract", help="demo task (loraforge.demotask.TASKS)")
+    p.add_argument("--task", default="extract", help="demo task (loraforge.demo.tasks.TASKS)")
     p.add_argument("--n-train", dest="n_train", type=int, default=2000)
     p.add_argument("--n-test", dest="n_test", type=int, default=100)
     p.add_argument("--max-steps", dest="max_steps", type=int, default=0, help="0: the recipe's epochs")
-    p.set_defaults(func=_run("demo:cli_demo"))
+    p.set_defaults(func=_run("demo.run:cli_demo"))
 
 
 def _model_flag(p):
@@ -94,7 +94,7 @@ def add_train(sub):
     p.add_argument("--nproc", type=int, help="data-parallel processes (torch.distributed)")
     p.add_argument("--fsdp", action="store_const", const=True, help="FSDP2 sharding over GPUs (CUDA, --nproc > 1)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False)
-    p.set_defaults(func=_run("train:cli_train"))
+    p.set_defaults(func=_run("train.loop:cli_train"))
 
 
 def add_eval(sub):
@@ -104,7 +104,7 @@ def add_eval(sub):
     p.add_argument("--limit", type=int, default=0, help="score only the first N rows")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=16)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
-    p.set_defaults(func=_run("evaluate:cli_eval"))
+    p.set_defaults(func=_run("eval.score:cli_eval"))
 
 
 def add_merge(sub):
@@ -114,7 +114,7 @@ def add_merge(sub):
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32", help="dtype of the merged weights")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
-    p.set_defaults(func=_run("evaluate:cli_merge"))
+    p.set_defaults(func=_run("tools.merge:cli_merge"))
 
 
 def add_generate(sub):
@@ -124,7 +124,7 @@ def add_generate(sub):
     p.add_argument("--max-tokens", dest="max_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--chat", action="store_true", help="apply the chat template (default: raw text)")
-    p.set_defaults(func=_run("evaluate:cli_generate"))
+    p.set_defaults(func=_run("models.generate:cli_generate"))
 
 
 def add_inspect(sub):

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from loraforge import LoraError
-from loraforge.config import LoraConfig
-from loraforge.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter
-from loraforge.layers import LoraEmbedding, LoraLayer
-from loraforge.model import delete_adapter, lora_layers
+from loraforge.core.config import LoraConfig
+from loraforge.core.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from loraforge.core.layers import LoraEmbedding, LoraLayer
+from loraforge.core.ops import delete_adapter, lora_layers
 from loraforge.serve.kernel import MultiLoraKernel
 from loraforge.serve.metrics import ServeMetrics
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from loraforge import LoraError
-from loraforge.model import lora_layers
+from loraforge.core.ops import lora_layers
 from loraforge.serve.adapters import AdapterCache, AdapterRegistry
 from loraforge.serve.kernel import MultiLoraKernel
 from loraforge.serve.kvcache import BatchCache, empty_batch, new_cache

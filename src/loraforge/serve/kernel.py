@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from loraforge import LoraError
-from loraforge.layers import LoraLayer, LoraLinear
+from loraforge.core.layers import LoraLayer, LoraLinear
 
 # Per-adapter matmuls ("groups") read each adapter once but cost a few small ops per adapter;
 # gathering reads one adapter per row in two ops. Groups win for a few adapters over many rows.

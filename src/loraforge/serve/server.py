@@ -40,8 +40,8 @@ def build_state(model_name: str, adapters_dir: str | None, max_batch: int = 16, 
 
 def merge_adapter(model, registry: AdapterRegistry | None, name: str):
     """Fold adapter `name` (from the adapters directory) into the base weights: zero overhead."""
-    from loraforge.io import load_adapter
-    from loraforge.model import merge_and_unload
+    from loraforge.core.io import load_adapter
+    from loraforge.core.ops import merge_and_unload
 
     if registry is None:
         raise LoraError("--merge needs --adapters DIR holding the adapter")

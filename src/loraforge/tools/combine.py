@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from loraforge import LoraError
-from loraforge.layers import concat_factors
-from loraforge.tools.adapters import Adapter, Update, check_out, common_rank, factor_tensors, load, size_text, \
+from loraforge.core.layers import concat_factors
+from loraforge.tools.factors import Adapter, Update, check_out, common_rank, factor_tensors, load, size_text, \
     with_ranks, write
-from loraforge.tools.lowrank import energy_kept, factored_norm, factored_svd, split_factors
+from loraforge.core.lowrank import energy_kept, factored_norm, factored_svd, split_factors
 
 METHODS = ("cat", "svd", "ties", "dare")
 

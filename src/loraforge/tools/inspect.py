@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from loraforge import LoraError
-from loraforge.tools.adapters import Update, load, save_figure
-from loraforge.tools.lowrank import energy_rank, factored_norm, factored_svd
+from loraforge.tools.factors import Update, load, save_figure
+from loraforge.core.lowrank import energy_rank, factored_norm, factored_svd
 
 DORA_NOTE = ("DoRA adapter: the figures are for the low-rank update s·B·A; the magnitude vectors "
              "rescale each row of W + dW on top of it")

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from loraforge import LoraError
-from loraforge.tools.adapters import check_out, factor_tensors, load, scaling_at, size_text, with_ranks, write
-from loraforge.tools.lowrank import energy_kept, energy_rank, factored_svd, split_factors
+from loraforge.tools.factors import check_out, factor_tensors, load, scaling_at, size_text, with_ranks, write
+from loraforge.core.lowrank import energy_kept, energy_rank, factored_svd, split_factors
 
 DORA_NOTE = ("DoRA: magnitude vectors kept as they were; below full rank the direction W + dW' differs "
              "slightly from W + dW, so outputs change slightly more than the energy figure says")

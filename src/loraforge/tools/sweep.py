@@ -2,7 +2,7 @@
 
 Each configuration (targets:rank) is trained by `loraforge.train.train` on the same data with the
 same steps, seed and settings (alpha = 2·rank, so every run has scaling 2, as the default recipe
-has at rank 8), then scored by `loraforge.evaluate.evaluate` (loss per answer token, exact match)
+has at rank 8), then scored by `loraforge.eval.score.evaluate` (loss per answer token, exact match)
 on --eval-data, or else on the validation split that training held out of --data. Trainable
 parameters are counted as `loraforge estimate` counts them; the table compares each count with
 that of the --budget-from configuration.
@@ -20,8 +20,8 @@ from pathlib import Path
 
 from loraforge import LoraError
 from loraforge import data as D
-from loraforge.io import atomic_write_json
-from loraforge.tools.adapters import save_figure
+from loraforge.core.io import atomic_write_json
+from loraforge.tools.factors import save_figure
 
 ALPHA_PER_RANK = 2.0
 
@@ -56,13 +56,13 @@ def parse_configs(text: str) -> list[SweepConfig]:
 
 
 def trainable_params(model_dir: str, config: SweepConfig) -> int:
-    from loraforge.estimate import estimate
+    from loraforge.tools.estimate import estimate
 
     return estimate(model_dir, config.rank, config.targets)["trainable_params"]
 
 
 def train_config(config: SweepConfig, model: str, data: str, out: Path, steps: int, seed: int, overrides: dict):
-    from loraforge.recipes import resolve
+    from loraforge.train.config import resolve
 
     return resolve(None, model=model, data=data, out=str(out / config.slug), rank=config.rank,
                    alpha=ALPHA_PER_RANK * config.rank, targets=config.targets, max_steps=steps, seed=seed,
@@ -85,8 +85,9 @@ def eval_examples(cfg, eval_data: str | None, limit: int) -> tuple[list, str]:
 
 def run_one(config: SweepConfig, cfg, examples: list) -> dict:
     """Train one configuration, then score its adapter."""
-    from loraforge.evaluate import evaluate, load_for_inference
-    from loraforge.train import train
+    from loraforge.eval.score import evaluate
+    from loraforge.models.loading import load_for_inference
+    from loraforge.train.loop import train
 
     began = time.perf_counter()
     summary = train(cfg)

@@ -1,0 +1,459 @@
+"""Operations on a whole model: attach adapters, choose targets, freeze, switch, merge, route.
+
+Every function takes a plain torch / transformers model and changes it in place; there is no
+wrapper model class. Adapter settings live in `model.lora_configs` ({name: LoraConfig}).
+"""
+from __future__ import annotations
+
+import copy
+import re
+from collections import Counter
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from loraforge import LoraError
+from loraforge.core.config import ALL_LINEAR, LoraConfig, name_matches
+from loraforge.core.layers import LoraEmbedding, LoraLayer, concat_factors, lora_layer_type, svd_factors
+
+
+# --- finding targets ------------------------------------------------------------------------
+def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module a LoRA layer can wrap (Linear, Conv1D, Embedding), by dotted name.
+    A module already wrapped counts under its own name; LoRA internals never count."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            found[name] = module
+        elif lora_layer_type(module) and not _inside_lora(name):
+            found[name] = module
+    return found
+
+
+def _inside_lora(name: str) -> bool:
+    parts = name.split(".")
+    return any(p in ("lora_A", "lora_B", "base_layer", "modules_to_save", "original_module") for p in parts)
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output head(s): excluded from `all-linear`, as in PEFT."""
+    heads = {"lm_head"}
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    for name, module in model.named_modules():
+        if head is not None and (module is head or getattr(module, "base_layer", None) is head):
+            heads.add(name)
+    return heads
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
+    """The modules `config` selects. Raises LoraError (listing what exists) when none match."""
+    candidates = adaptable_modules(model)
+    heads = output_head_names(model)
+    if config.target_modules == ALL_LINEAR or (isinstance(config.target_modules, list)
+                                               and ALL_LINEAR in config.target_modules):
+        chosen = {n: m for n, m in candidates.items() if n not in heads and _is_linear_like(m)}
+    else:
+        chosen = {n: m for n, m in candidates.items() if name_matches(n, config.target_modules)}
+    if config.exclude_modules:
+        chosen = {n: m for n, m in chosen.items() if not name_matches(n, config.exclude_modules)}
+    if not chosen:
+        raise LoraError(f"target_modules {config.target_modules!r} match no adaptable module; "
+                        f"this model has: {summarize_names(candidates)}")
+    return chosen
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    return not isinstance(base, nn.Embedding)
+
+
+def summarize_names(modules) -> str:
+    """Module names grouped by their last part: 'q_proj (x30: model.layers.0.self_attn.q_proj, ...)'."""
+    groups: dict[str, list[str]] = {}
+    for name in modules:
+        groups.setdefault(name.split(".")[-1], []).append(name)
+    return ", ".join(f"{k} (x{len(v)}, e.g. {v[0]})" if len(v) > 1 else v[0] for k, v in groups.items())
+
+
+def check_ranks(config: LoraConfig, targets: dict[str, nn.Module]) -> list[str]:
+    """A rank above min(in, out) cannot be a low-rank update of that layer."""
+    problems = []
+    for name, module in targets.items():
+        out_f, in_f = _matrix_shape(module)
+        r = config.rank_for(name)
+        if r > min(in_f, out_f):
+            problems.append(f"r={r} exceeds the smaller side of {name} ({out_f} x {in_f})")
+    return problems
+
+
+def _matrix_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of the update matrix for a target (embedding: (dim, vocab), PEFT's layout)."""
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    cls = lora_layer_type(base)
+    if cls is LoraEmbedding:
+        vocab, dim = base.weight.shape
+        return dim, vocab
+    if cls.__name__ == "LoraConv1D":
+        in_f, out_f = base.weight.shape
+        return out_f, in_f
+    return base.out_features, base.in_features
+
+
+def check_support(config: LoraConfig, targets: dict[str, nn.Module]) -> list[str]:
+    """DoRA and PiSSA exist for Linear / Conv1D only; say so before any layer is changed."""
+    embeddings = [n for n, m in targets.items() if not _is_linear_like(m)]
+    if not embeddings:
+        return []
+    problems = []
+    if config.use_dora:
+        problems.append(f"DoRA is supported on Linear and Conv1D layers, not on embeddings ({embeddings[0]})")
+    if config.init == "pissa":
+        problems.append(f"PiSSA init is supported on Linear and Conv1D layers, not on embeddings ({embeddings[0]})")
+    return problems
+
+
+def saved_module_paths(model: nn.Module, name: str) -> list[str]:
+    """PEFT's rule for a modules_to_save entry: the module at that path or at any path ending in
+    `.name` (`embed_tokens` selects `model.embed_tokens`)."""
+    return [n for n, _ in model.named_modules()
+            if n and (n == name or n.endswith("." + name)) and not _inside_lora(n)]
+
+
+def check_saved_modules(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Every modules_to_save entry must name a module of the model."""
+    return [f"modules_to_save names {name!r}, which this model does not have"
+            for name in config.modules_to_save if not saved_module_paths(model, name)]
+
+
+# --- attaching and removing -------------------------------------------------------------------
+def attach(model: nn.Module, config: LoraConfig, name: str = "default", activate: bool = True) -> nn.Module:
+    """Add adapter `name` to every target of `config`, freeze the base, activate it."""
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        raise LoraError(f"adapter name {name!r} must use letters, digits, '_' or '-' only")
+    if name in getattr(model, "lora_configs", {}):
+        raise LoraError(f"model already has an adapter named {name!r}")
+    targets = find_targets(model, config)
+    problems = check_ranks(config, targets) + check_support(config, targets) + check_saved_modules(model, config)
+    if problems:
+        raise LoraError("; ".join(problems))
+    for module_name, module in targets.items():
+        layer = module if isinstance(module, LoraLayer) else _wrap(model, module_name, module)
+        layer.add_adapter(name, config.rank_for(module_name), config.alpha_for(module_name), config.dropout,
+                          config.init, config.use_rslora, config.use_dora)
+        layer.train(layer.base_layer.training)  # new dropout / factors follow the model's train/eval mode
+    for entry in config.modules_to_save:
+        for module_name in saved_module_paths(model, entry):
+            _save_module(model, module_name, name)
+    if config.init == "pissa":  # kept to convert to a plain LoRA on save (io._pissa_to_lora)
+        layers = dict(lora_layers(model))
+        model.lora_initial_factors = getattr(model, "lora_initial_factors", {})
+        model.lora_initial_factors[name] = {m: tuple(t.detach().clone() for t in layers[m].factors(name))
+                                            for m in targets}
+    if not hasattr(model, "lora_configs"):
+        model.lora_configs = {}
+    model.lora_configs[name] = config
+    if activate:
+        set_adapter(model, name)
+    return model
+
+
+def _wrap(model: nn.Module, module_name: str, module: nn.Module) -> LoraLayer:
+    layer = lora_layer_type(module)(module)
+    _set_submodule(model, module_name, layer)
+    return layer
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full for some adapters (PEFT's modules_to_save): a copy per adapter."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.row_adapters = None
+
+    def forward(self, x, *args, **kwargs):
+        if self.row_adapters is not None and not self.disabled:
+            out = self.original_module(x, *args, **kwargs)
+            for name, rows in self.row_adapters:
+                if name in self.modules_to_save:
+                    out = out.index_copy(0, rows, self.modules_to_save[name](x[rows], *args, **kwargs))
+            return out
+        active = [a for a in self.active_adapters if a in self.modules_to_save]
+        module = self.original_module if self.disabled or not active else self.modules_to_save[active[-1]]
+        return module(x, *args, **kwargs)
+
+
+def _save_module(model: nn.Module, module_name: str, adapter: str):
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        raise LoraError(f"modules_to_save names {module_name!r}, which this model does not have") from None
+    if not isinstance(module, ModulesToSave):
+        wrapper = ModulesToSave(module)
+        _set_submodule(model, module_name, wrapper)
+        module = wrapper
+    module.modules_to_save[adapter] = copy.deepcopy(module.original_module)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def _routed(model: nn.Module) -> Iterator[nn.Module]:
+    """Every module that chooses per adapter: LoRA layers and modules_to_save wrappers."""
+    return (m for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSave)))
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    return list(getattr(model, "lora_configs", {}))
+
+
+def _require(model: nn.Module, name: str):
+    if name not in getattr(model, "lora_configs", {}):
+        raise LoraError(f"no adapter named {name!r}; this model has: {', '.join(adapter_names(model)) or 'none'}")
+
+
+def delete_adapter(model: nn.Module, name: str):
+    """Remove adapter `name` from every layer (unmerging it first if merged). A PiSSA adapter
+    also gives back the principal part it took out of the base weights."""
+    _require(model, name)
+    for module in _routed(model):
+        if isinstance(module, LoraLayer) and name in module.merged_adapters:
+            module.unmerge()
+    _restore_pissa_base(model, name)
+    for module in _routed(model):
+        for container in ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector", "lora_embedding_A",
+                          "lora_embedding_B", "modules_to_save"):
+            if hasattr(module, container) and name in getattr(module, container):
+                del getattr(module, container)[name]
+        for table in ("r", "lora_alpha", "scaling"):
+            getattr(module, table, {}).pop(name, None)
+        module.active_adapters = [a for a in module.active_adapters if a != name]
+    del model.lora_configs[name]
+
+
+def _restore_pissa_base(model: nn.Module, name: str):
+    """PiSSA left W - s B0 A0 in the base; add s B0 A0 back (B0, A0: the factors at attach time)."""
+    initial = getattr(model, "lora_initial_factors", {}).pop(name, {})
+    layers = dict(lora_layers(model))
+    for module_name, (A0, B0) in initial.items():
+        layer = layers[module_name]
+        layer._add_to_weight((B0.float() @ A0.float()) * layer.scaling[name])
+
+
+# --- which adapter runs -----------------------------------------------------------------------
+def set_adapter(model: nn.Module, names: str | list[str]):
+    """Make `names` the active adapter(s) and the only trainable parameters."""
+    names = [names] if isinstance(names, str) else list(names)
+    for name in names:
+        _require(model, name)
+    for module in _routed(model):
+        if isinstance(module, LoraLayer) and set(module.merged_adapters) - set(names):
+            module.unmerge()  # an adapter switched off must leave the weights too
+        module.active_adapters = list(names)
+    set_trainable(model, names)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    for _, layer in lora_layers(model):
+        return list(layer.active_adapters)
+    return []
+
+
+@contextmanager
+def disabled(model: nn.Module):
+    """Run the base model: every adapter off (merged ones are unmerged first)."""
+    modules = list(_routed(model))
+    merged = {}
+    for module in modules:
+        if isinstance(module, LoraLayer) and module.merged:
+            merged[module] = list(module.merged_adapters)
+            module.unmerge()
+        module.disabled = True
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.disabled = False
+        for module, names in merged.items():  # merged adapters are merged again, as before
+            module.merge(names)
+
+
+@contextmanager
+def mixed_batch(model: nn.Module, row_adapters: list[str | None]):
+    """One forward pass where row i uses adapter row_adapters[i] (None: the base model)."""
+    groups: dict[str, list[int]] = {}
+    for row, name in enumerate(row_adapters):
+        if name is not None:
+            _require(model, name)
+            groups.setdefault(name, []).append(row)
+    device = next(model.parameters()).device
+    routes = [(name, torch.tensor(rows, device=device)) for name, rows in groups.items()]
+    modules = list(_routed(model))
+    for module in modules:
+        module.row_adapters = routes
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.row_adapters = None
+
+
+# --- trainable parameters ---------------------------------------------------------------------
+def adapter_params(model: nn.Module, names: list[str] | str | None = None) -> dict[str, nn.Parameter]:
+    """The parameters that belong to adapter(s) `names` (default: the active ones)."""
+    names = active_adapters(model) if names is None else ([names] if isinstance(names, str) else names)
+    params = {}
+    for module_name, module in model.named_modules():
+        for container in ("lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B",
+                          "modules_to_save"):
+            holder = getattr(module, container, None)
+            if not isinstance(holder, (nn.ModuleDict, nn.ParameterDict)):
+                continue
+            for name in names:
+                if name in holder:
+                    item = holder[name]
+                    tensors = item.named_parameters() if isinstance(item, nn.Module) else [("", item)]
+                    for pname, p in tensors:
+                        params[".".join(x for x in (module_name, container, name, pname) if x)] = p
+    return params
+
+
+def set_trainable(model: nn.Module, names: list[str] | None = None):
+    """Freeze everything, then unfreeze exactly the adapter parameters of `names`."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in adapter_params(model, names).values():
+        p.requires_grad_(True)
+
+
+def parameter_report(model: nn.Module, names: list[str] | None = None) -> dict:
+    """Trainable parameters per module type (last name part) and in total, against the base."""
+    adapter = adapter_params(model, names)
+    per_type: Counter = Counter()
+    for pname, p in adapter.items():
+        parts = pname.split(".")
+        owner = next(i for i, part in enumerate(parts) if part.startswith("lora_") or part == "modules_to_save")
+        per_type[parts[owner - 1] if owner else "model"] += p.numel()
+    ids = {id(p) for p in adapter.values()}
+    all_adapters = {id(p) for p in adapter_params(model, adapter_names(model)).values()}
+    base = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in all_adapters)
+    total = sum(p.numel() for p in adapter.values())
+    return {"per_type": dict(per_type), "trainable_params": total, "base_params": base,
+            "percent": 100.0 * total / base if base else 0.0, "tensors": len(ids)}
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'module type':<20}{'trainable params':>18}"]
+    lines += [f"{k:<20}{v:>18,}" for k, v in sorted(report["per_type"].items())]
+    lines.append(f"{'total':<20}{report['trainable_params']:>18,}  "
+                 f"({report['percent']:.4f}% of {report['base_params']:,} base parameters)")
+    return "\n".join(lines)
+
+
+# --- merging ----------------------------------------------------------------------------------
+def merge(model: nn.Module, names: list[str] | None = None):
+    """Fold the active adapter(s) (or `names`) into the base weights; forward then costs nothing."""
+    for _, layer in lora_layers(model):
+        layer.merge([n for n in (names or layer.active_adapters) if n in layer.r])
+
+
+def unmerge(model: nn.Module):
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module, names: list[str] | None = None) -> nn.Module:
+    """Merge, then replace every wrapper by its plain base module: no loraforge module is left."""
+    names = names or active_adapters(model)
+    merge(model, names)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            _set_submodule(model, name, module.base_layer)
+        elif isinstance(module, ModulesToSave):
+            chosen = [n for n in names if n in module.modules_to_save]
+            _set_submodule(model, name, module.modules_to_save[chosen[-1]] if chosen else module.original_module)
+    _forget_adapters(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _forget_adapters(model: nn.Module):
+    for attribute in ("lora_configs", "lora_initial_factors"):
+        if hasattr(model, attribute):
+            delattr(model, attribute)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove all adapters without merging: the base model as it was."""
+    unmerge(model)
+    for name in adapter_names(model):
+        delete_adapter(model, name)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            _set_submodule(model, name, module.base_layer)
+        elif isinstance(module, ModulesToSave):
+            _set_submodule(model, name, module.original_module)
+    _forget_adapters(model)
+    return model
+
+
+# --- combining adapters -----------------------------------------------------------------------
+def combine(model: nn.Module, names: list[str], weights: list[float], new_name: str,
+            method: str = "cat", rank: int | None = None) -> LoraConfig:
+    """New adapter whose update is sum_i w_i dW_i: exactly (`cat`, rank = sum of ranks) or its
+    best rank-`rank` approximation (`svd`). Returns the new adapter's config."""
+    if len(names) != len(weights):
+        raise LoraError(f"combine: {len(names)} adapters but {len(weights)} weights")
+    for name in names:
+        _require(model, name)
+        if model.lora_configs[name].use_dora:
+            raise LoraError(f"combine: adapter {name!r} uses DoRA; magnitude vectors do not add linearly")
+    if method not in ("cat", "svd") or (method == "svd" and not rank):
+        raise LoraError("combine: method must be 'cat', or 'svd' with a rank")
+    factors = {}
+    for module_name, layer in lora_layers(model):
+        parts = [(*layer.factors(n), w * layer.scaling[n]) for n, w in zip(names, weights) if n in layer.r]
+        if not parts:
+            continue
+        if method == "cat":
+            A, B = concat_factors(parts)
+            smaller_side = min(A.shape[1], B.shape[0])
+            if A.shape[0] > smaller_side:  # more rank than the layer has: the same update, re-factored
+                A, B = svd_factors(B @ A, smaller_side)[:2]
+            factors[module_name] = A, B
+        else:
+            delta = sum(B.float() @ A.float() * coef for A, B, coef in parts)
+            factors[module_name] = svd_factors(delta, rank)[:2]
+    return attach_factors(model, new_name, factors, base_config=model.lora_configs[names[0]])
+
+
+def attach_factors(model: nn.Module, name: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                   base_config: LoraConfig) -> LoraConfig:
+    """Attach adapter `name` with given (A, B) per module and scaling 1 (alpha = r per module)."""
+    ranks = {m: A.shape[0] for m, (A, _) in factors.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    config = LoraConfig(
+        r=r, alpha=float(r), target_modules=[*factors], init="default",
+        rank_pattern={re.escape(m): k for m, k in ranks.items() if k != r},
+        alpha_pattern={re.escape(m): float(k) for m, k in ranks.items() if k != r},
+        base_model_name_or_path=base_config.base_model_name_or_path)
+    attach(model, config, name, activate=False)
+    layers = dict(lora_layers(model))
+    for module_name, (A, B) in factors.items():
+        layers[module_name].set_factors(name, A, B)
+    return config

@@ -1,0 +1,271 @@
+"""Encoding and batching: ``Example`` -> token ids + loss masks -> packed, padded batches.
+
+Each example becomes token ids and labels: the prompt is rendered with the tokenizer's chat
+template, the answer is followed by the template's own end-of-turn marker, and labels are -100
+on the prompt so only the answer is learned.
+
+Packing puts several short examples into one row without letting them see each other: the
+position ids restart at 0 for every example and the attention mask is block-diagonal causal.
+It is passed as a 4D *additive float* mask (0 = attend, a very negative number = blocked),
+which every attention backend of transformers 5.x reads the same way; a 4D bool mask is read
+correctly by "sdpa" but not by "eager" (which adds the mask to the scores), and position ids
+alone do not separate examples once the model builds a KV cache. tests/data/test_data.py
+checks packed == unpacked logits.
+"""
+from __future__ import annotations
+
+import bisect
+import random
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from loraforge import LoraError
+from loraforge.data.records import IGNORE_INDEX, Example, Pair
+
+__all__ = ["EncodedSet", "answer_text", "batches", "block_causal_mask", "collate", "count_answer_tokens", "encode_example", "encode_examples", "n_trained", "one_per_row", "pack", "prompt_text", "train_val_split"]
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def _use_template(tokenizer: Any, chat_template: bool) -> bool:
+    return chat_template and bool(getattr(tokenizer, "chat_template", None))
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+
+
+def prompt_text(example: Example, tokenizer: Any, chat_template: bool = True) -> str:
+    """The prompt as the model sees it at generation time (template + generation prompt)."""
+    if example.text is not None:
+        raise LoraError(f"{example.where}: a plain-text example has no prompt to generate from")
+    if _use_template(tokenizer, chat_template):
+        return _render(tokenizer, example.messages, generation_prompt=True)
+    if example.fmt == "completion":  # raw prompt/completion: the user controls all spacing
+        return example.messages[-1]["content"]
+    return "\n\n".join(m["content"] for m in example.messages) + "\n\n"
+
+
+def answer_text(example: Example, tokenizer: Any, chat_template: bool = True) -> str:
+    """What follows the prompt in training: the answer plus the template's end-of-turn marker.
+
+    The marker is found generically: render the whole conversation, drop the prompt, and keep
+    what the template writes around the answer (``<|im_end|>`` for ChatML). Trailing whitespace
+    after the marker is dropped; without a template (or marker) the tokenizer's eos is used.
+    """
+    if example.answer is None:
+        raise LoraError(f"{example.where}: a plain-text example has no answer")
+    eos = tokenizer.eos_token or ""
+    if not _use_template(tokenizer, chat_template):
+        return example.answer + eos
+    prompt = prompt_text(example, tokenizer, chat_template)
+    full = _render(tokenizer, example.messages + [{"role": "assistant", "content": example.answer}], False)
+    rest = full[len(prompt):] if full.startswith(prompt) else ""
+    at = rest.find(example.answer)
+    if at < 0:  # the template rewrites the answer or the prompt: fall back to answer + eos
+        return example.answer + eos
+    tail = rest[at + len(example.answer):].rstrip()
+    return rest[:at] + example.answer + (tail or eos)
+
+
+def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _encode_parts(example: Example, tokenizer: Any, chat_template: bool) -> Pair:
+    """(prompt ids, answer ids), tokenised separately so training sees exactly the prompt
+    tokens generation will see. Plain text is all answer, with eos appended."""
+    if example.text is not None:
+        ids = _ids(tokenizer, example.text, special=True)
+        eos = tokenizer.eos_token_id
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        return [], ids
+    templated = _use_template(tokenizer, chat_template)  # a template writes its own bos
+    prompt = _ids(tokenizer, prompt_text(example, tokenizer, chat_template), special=not templated)
+    return prompt, _ids(tokenizer, answer_text(example, tokenizer, chat_template), special=False)
+
+
+def _join(prompt: list[int], answer: list[int], train_on_prompt: bool, max_len: int) -> Pair:
+    prompt_labels = prompt if train_on_prompt else [IGNORE_INDEX] * len(prompt)
+    return (prompt + answer)[:max_len], (prompt_labels + answer)[:max_len]
+
+
+def encode_example(example: Example, tokenizer: Any, train_on_prompt: bool = False,
+                   max_len: int = 2048, chat_template: bool = True) -> Pair:
+    """(input_ids, labels) of one example, cut to max_len; labels are -100 on the prompt
+    unless train_on_prompt. Plain-text examples: eos appended, labels == input_ids."""
+    prompt, answer = _encode_parts(example, tokenizer, chat_template)
+    return _join(prompt, answer, train_on_prompt, max_len)
+
+
+def n_trained(labels: list[int]) -> int:
+    """Tokens the loss sees: label[0] is never predicted (nothing comes before it)."""
+    return sum(1 for t in labels[1:] if t != IGNORE_INDEX)
+
+
+@dataclass
+class EncodedSet:
+    """Encoded examples plus what truncation did to them."""
+
+    pairs: list[Pair] = field(default_factory=list)
+    truncated: int = 0  # examples cut to max_len that kept some answer tokens
+    dropped: int = 0  # examples whose answer was cut away entirely, left out
+    max_len: int = 0
+
+    def note(self) -> str | None:
+        """One line for the user when truncation changed anything, else None."""
+        if not (self.truncated or self.dropped):
+            return None
+        return (f"max_len={self.max_len}: truncated {self.truncated} example(s); dropped "
+                f"{self.dropped} whose answer did not fit")
+
+
+def encode_examples(examples: list[Example], tokenizer: Any, train_on_prompt: bool = False,
+                    max_len: int = 2048, chat_template: bool = True) -> EncodedSet:
+    """Encode every example; drop (and count) those with no answer token left after truncation."""
+    if max_len < 2:
+        raise LoraError(f"max_len must be at least 2, got {max_len}")
+    out = EncodedSet(max_len=max_len)
+    for ex in examples:
+        prompt, answer = _encode_parts(ex, tokenizer, chat_template)
+        if n_trained(_join(prompt, answer, False, max_len)[1]) == 0:
+            out.dropped += 1
+            continue
+        out.truncated += len(prompt) + len(answer) > max_len
+        out.pairs.append(_join(prompt, answer, train_on_prompt, max_len))
+    if not out.pairs:
+        raise LoraError(f"no example keeps an answer token within max_len={max_len}; raise max_len")
+    return out
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def _row(pairs: list[Pair]) -> dict[str, list[int]]:
+    """Concatenate examples into one row; each example's first label becomes -100.
+
+    The loss shifts labels left by one, so without that the last token of one example would be
+    trained to predict the first token of the next one.
+    """
+    row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": [], "seq_lens": []}
+    for ids, labels in pairs:
+        row["input_ids"] += ids
+        row["labels"] += [IGNORE_INDEX] * min(1, len(labels)) + labels[1:]
+        row["position_ids"] += list(range(len(ids)))
+        row["seq_lens"].append(len(ids))
+    return row
+
+
+def _assign_rows(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Best-fit decreasing: longest first, each into the fullest row it still fits in."""
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (tokens left, row index), kept sorted
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        at = bisect.bisect_left(free, (lengths[i], -1))
+        if at == len(free):
+            rows.append([i])
+            left, r = max_tokens - lengths[i], len(rows) - 1
+        else:
+            left, r = free.pop(at)
+            rows[r].append(i)
+            left -= lengths[i]
+        if left > 0:
+            bisect.insort(free, (left, r))
+    return [sorted(r) for r in rows]
+
+
+def pack(encoded: list[Pair], max_tokens: int) -> list[dict[str, list[int]]]:
+    """Pack examples into rows of at most max_tokens tokens, examples isolated from each other.
+
+    A row is {"input_ids", "labels", "position_ids" (restarting at 0 per example), "seq_lens"};
+    ``collate`` turns seq_lens into the block-diagonal causal attention mask.
+    """
+    for i, (ids, _) in enumerate(encoded):
+        if len(ids) > max_tokens:
+            raise LoraError(f"example {i} has {len(ids)} tokens, more than max_tokens={max_tokens}; "
+                            f"set max_len <= max_tokens")
+    groups = _assign_rows([len(ids) for ids, _ in encoded], max_tokens)
+    return [_row([encoded[i] for i in group]) for group in groups]
+
+
+def one_per_row(encoded: list[Pair]) -> list[dict[str, list[int]]]:
+    """Rows without packing (one example each), in the same form as ``pack``'s."""
+    return [_row([pair]) for pair in encoded]
+
+
+def block_causal_mask(seq_lens: list[int], length: int) -> torch.Tensor:
+    """(length, length) bool, True where query i may attend key j: same example and j <= i.
+
+    Padding after the examples attends only to itself (a fully blocked row would give NaN).
+    """
+    n_pad = length - sum(seq_lens)
+    seg = torch.repeat_interleave(torch.arange(len(seq_lens)), torch.tensor(seq_lens, dtype=torch.long))
+    seg = torch.cat([seg, -1 - torch.arange(n_pad)])  # (length,) example index; pads unique < 0
+    same = seg[:, None] == seg[None, :]  # (length, length)
+    return same & torch.ones(length, length, dtype=torch.bool).tril()
+
+
+def collate(rows: list[dict[str, list[int]]], pad_id: int,
+            mask_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Pad rows to one length; returns model(**batch) inputs with a 4D additive mask.
+
+    input_ids, labels (padding -100), position_ids: (B, T); attention_mask: (B, 1, T, T) with 0
+    where attention is allowed and the dtype's minimum elsewhere.
+    """
+    if not rows:
+        raise LoraError("collate needs at least one row")
+    T = max(len(r["input_ids"]) for r in rows)
+
+    def padded(key: str, value: int) -> torch.Tensor:
+        return torch.tensor([r[key] + [value] * (T - len(r[key])) for r in rows], dtype=torch.long)
+
+    allowed = torch.stack([block_causal_mask(r["seq_lens"], T) for r in rows])[:, None]  # (B, 1, T, T)
+    mask = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill_(~allowed, torch.finfo(mask_dtype).min)
+    return {"input_ids": padded("input_ids", pad_id), "labels": padded("labels", IGNORE_INDEX),
+            "position_ids": padded("position_ids", 0), "attention_mask": mask}
+
+
+def count_answer_tokens(labels: torch.Tensor) -> int:
+    """Tokens the causal-LM loss is taken over in a (B, T) label batch (labels[:, 0] never is).
+
+    Sum it over the micro-batches of one optimizer step to normalise the summed loss.
+    """
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
+
+
+def batches(rows: list[dict], batch_size: int, seed: int = 0, epoch: int = 0) -> Iterator[list[dict]]:
+    """Lists of batch_size rows (the last may be shorter), shuffled the same way for (seed, epoch)."""
+    if batch_size < 1:
+        raise LoraError(f"batch_size must be at least 1, got {batch_size}")
+    order = list(range(len(rows)))
+    random.Random(f"batches:{seed}:{epoch}").shuffle(order)
+    for start in range(0, len(order), batch_size):
+        yield [rows[i] for i in order[start:start + batch_size]]
+
+
+# ----------------------------------------------------------------------------- splitting
+
+
+def train_val_split(examples: list, val_fraction: float = 0.05, min_val: int = 2, seed: int = 0,
+                    min_rows: int = 20) -> tuple[list, list, str | None]:
+    """(train, val, note): hold out a random validation split, keeping the file order.
+
+    With fewer than min_rows examples (or val_fraction 0) nothing is held out and the note
+    says why; otherwise the note is None.
+    """
+    n = len(examples)
+    if not 0 <= val_fraction < 1:
+        raise LoraError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0:
+        return list(examples), [], "validation split disabled (val_fraction=0)"
+    if n < min_rows:
+        return list(examples), [], (f"only {n} example(s): too few to hold out a validation split "
+                                    f"(needs {min_rows}); training on all of them, no validation loss")
+    n_val = min(max(min_val, round(n * val_fraction)), n // 2)
+    held = set(random.Random(f"split:{seed}").sample(range(n), n_val))
+    train = [ex for i, ex in enumerate(examples) if i not in held]
+    val = [ex for i, ex in enumerate(examples) if i in held]
+    return train, val, None

@@ -1,0 +1,1 @@
+"""The demo: generated tasks with held-out splits (``tasks``) and ``loraforge demo`` (``run``)."""

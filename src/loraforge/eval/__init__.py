@@ -1,0 +1,1 @@
+"""Scoring a base model or an adapter: loss, perplexity, exact match (``score``)."""

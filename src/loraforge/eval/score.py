@@ -1,0 +1,95 @@
+"""Scoring a model (with or without an adapter): loss, perplexity, exact match; the ``eval`` command."""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+
+from loraforge import data as D
+
+
+def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy over label positions. Runs the decoder, then the output head only
+    on the positions that have a label: for chat data most positions are prompt, and the head
+    (vocab x hidden) is the largest matmul of a small model."""
+    labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+    where = labels != D.IGNORE_INDEX
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    picked = hidden[:, :-1][where]  # (n_answer_tokens, hidden)
+    logits = model.get_output_embeddings()(picked).float()  # (n, vocab)
+    return F.cross_entropy(logits, labels[where], reduction="sum")
+
+
+@torch.no_grad()
+def rows_loss(model, rows: list[dict], pad_id: int, batch_size: int = 8,
+              autocast: torch.dtype | None = None) -> float:
+    """Mean cross-entropy per answer token over packed rows (data.pack), batch by batch."""
+    param = next(model.parameters())
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(param.device) for k, v in D.collate(rows[start:start + batch_size], pad_id).items()}
+        batch["attention_mask"] = batch["attention_mask"].to(autocast or param.dtype)
+        with torch.autocast(param.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            total += float(answer_loss_sum(model, batch))
+        count += D.count_answer_tokens(batch["labels"])
+    return total / max(count, 1)
+
+
+def answer_loss(model, tokenizer, examples: list[D.Example], max_tokens: int = 1024,
+                batch_size: int = 8) -> float:
+    """Mean cross-entropy per answer token, with examples packed as in training."""
+    pairs = D.encode_examples(examples, tokenizer, max_len=max_tokens).pairs
+    return rows_loss(model, D.pack(pairs, max_tokens), tokenizer.pad_token_id, batch_size)
+
+
+def exact_match(model, tokenizer, examples: list[D.Example], batch_size: int = 16,
+                max_new_tokens: int | None = None) -> tuple[float, list[dict]]:
+    """Fraction of examples whose greedy answer, stripped, equals the reference answer."""
+    from loraforge.models import generate_text
+
+    scored = [ex for ex in examples if ex.answer is not None]
+    if not scored:
+        return float("nan"), []
+    limit = max_new_tokens or max(len(tokenizer(ex.answer)["input_ids"]) for ex in scored) + 8
+    rows = []
+    for start in range(0, len(scored), batch_size):
+        chunk = scored[start:start + batch_size]
+        outputs = generate_text(model, tokenizer, [D.prompt_text(ex, tokenizer) for ex in chunk], limit)
+        rows += [{"expected": ex.answer.strip(), "got": out.strip()} for ex, out in zip(chunk, outputs)]
+    hits = sum(r["expected"] == r["got"] for r in rows)
+    return hits / len(rows), rows
+
+
+def evaluate(model, tokenizer, examples: list[D.Example], batch_size: int = 16) -> dict:
+    was_training = model.training
+    model.eval()
+    try:
+        loss = answer_loss(model, tokenizer, [ex for ex in examples if ex.answer is not None or ex.text])
+        em, rows = exact_match(model, tokenizer, examples, batch_size)
+    finally:
+        model.train(was_training)
+    return {"loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50)), 4),
+            "exact_match": round(em, 4), "n": len(examples), "samples": rows[:5]}
+
+
+def cli_eval(args) -> int:
+    from loraforge.models.loading import load_for_inference
+
+    model, tokenizer = load_for_inference(args.model, args.adapter, quantize=args.quantize)
+    examples = D.load_examples(args.data)
+    if args.limit:
+        examples = examples[:args.limit]
+    result = evaluate(model, tokenizer, examples, args.batch_size)
+    label = f"adapter {args.adapter}" if args.adapter else f"base model {args.model}"
+    if math.isnan(result["exact_match"]):  # plain-text data has no answers to match; JSON has no NaN
+        result["exact_match"] = None
+    em = "n/a" if result["exact_match"] is None else f"{100 * result['exact_match']:.1f}%"
+    print(f"{label} on {args.data} ({result['n']} examples): loss {result['loss']:.4f}, "
+          f"perplexity {result['perplexity']:.3f}, exact match {em}")
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "samples"}))
+    return 0

@@ -1,0 +1,337 @@
+"""The training loop: data -> LoRA model -> AdamW steps, with checkpoints, resume and DDP.
+
+The loss is summed over answer tokens and divided by the number of answer tokens in the whole
+optimizer step (all micro-batches, all processes), so gradient accumulation and data parallel
+training give the same update as one big batch. Logits are computed only where a label exists.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loraforge import LoraError
+from loraforge import data as D
+from loraforge.train import distributed as dist
+from loraforge.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from loraforge.core.config import LoraConfig
+from loraforge.eval.score import answer_loss_sum, rows_loss
+from loraforge.core.io import atomic_write_bytes, save_adapter
+from loraforge.train.log import MetricsLog, peak_memory_mb
+from loraforge.core.ops import adapter_params, attach, format_report, parameter_report
+from loraforge.models import load_model, load_tokenizer, pick_device
+from loraforge.train.config import TrainConfig, dump
+
+
+# --- data --------------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    train_rows: list[dict]
+    val_rows: list[dict]
+    notes: list[str]
+    n_examples: int
+
+
+def prepare_data(cfg: TrainConfig, tokenizer) -> Prepared:
+    examples = D.load_examples(cfg.data)
+    train, val, note = D.train_val_split(examples, cfg.val_fraction, seed=cfg.seed)
+    notes = [note] if note else []
+    encoded = D.encode_examples(train, tokenizer, cfg.train_on_prompt, cfg.max_len)
+    if encoded.note():
+        notes.append(encoded.note())
+    val_rows = D.pack(D.encode_examples(val, tokenizer, cfg.train_on_prompt, cfg.max_len).pairs,
+                      cfg.max_tokens) if val else []
+    return Prepared(D.pack(encoded.pairs, cfg.max_tokens), val_rows, notes, len(examples))
+
+
+def steps_per_epoch(cfg: TrainConfig, n_rows: int) -> int:
+    return max(1, math.ceil(n_rows / (cfg.batch_size * cfg.grad_accum)))
+
+
+def total_steps(cfg: TrainConfig, n_rows: int) -> int:
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch(cfg, n_rows)))
+
+
+def step_batches(cfg: TrainConfig, rows: list[dict], step: int) -> list[list[dict]]:
+    """The micro-batches of optimizer step `step` (0-based): a pure function of (seed, step), so
+    a resumed run sees exactly the data an uninterrupted one would."""
+    per_epoch = steps_per_epoch(cfg, len(rows))
+    epoch, index = divmod(step, per_epoch)
+    rows_per_step = cfg.batch_size * cfg.grad_accum
+    shuffled = [row for batch in D.batches(rows, len(rows), cfg.seed, epoch) for row in batch]
+    chunk = shuffled[index * rows_per_step:(index + 1) * rows_per_step]
+    return [chunk[i:i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size)]
+
+
+# --- model -------------------------------------------------------------------------------------
+def lora_config(cfg: TrainConfig) -> LoraConfig:
+    targets = cfg.targets if cfg.targets in ("all-linear", "attention", "mlp") else cfg.targets.split(",")
+    return LoraConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=targets,
+                      use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init=cfg.init,
+                      base_model_name_or_path=cfg.model)
+
+
+def effective_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """`auto`: the frozen base stored in bfloat16 with bf16 autocast where the hardware runs bf16
+    natively (no per-step weight casts, half the memory), else float32."""
+    from loraforge.models import bf16_supported
+
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16-base" if bf16_supported(device) else "fp32"
+
+
+def compute_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype for a precision setting (None: no autocast)."""
+    return None if precision == "fp32" else torch.bfloat16
+
+
+def build_model(cfg: TrainConfig, device: torch.device):
+    precision = effective_precision(cfg, device)  # QLoRA keeps the unquantized rest in bf16 too
+    base_dtype = "bfloat16" if precision == "bf16-base" or (cfg.quantize and precision == "bf16") else "float32"
+    model = load_model(cfg.model, dtype=base_dtype, device=str(device))
+    if cfg.quantize:
+        from loraforge.core.quant import quantize_model
+
+        quantize_model(model, cfg.quantize)
+    model.config.use_cache = False
+    torch.manual_seed(cfg.seed)
+    attach(model, lora_config(cfg))
+    for p in adapter_params(model).values():  # adapters train in float32 whatever the base dtype
+        p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over adapter parameters only; LoRA+ gives lora_B a larger learning rate."""
+    params = adapter_params(model)
+    b_params = [p for n, p in params.items() if ".lora_B." in n or "lora_embedding_B" in n]
+    other = [p for n, p in params.items() if not (".lora_B." in n or "lora_embedding_B" in n)]
+    groups = [{"params": other, "lr": cfg.lr},
+              {"params": b_params, "lr": cfg.lr * cfg.loraplus_ratio}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay,
+                             betas=(0.9, 0.999), eps=1e-8)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup, then cosine decay to zero (Loshchilov & Hutter 2017)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --- the step ----------------------------------------------------------------------------------
+def to_device(batch: dict, device: torch.device, mask_dtype: torch.dtype) -> dict:
+    out = {k: v.to(device) for k, v in batch.items()}
+    out["attention_mask"] = out["attention_mask"].to(mask_dtype)
+    return out
+
+
+def train_step(model, micro_batches, optimizer, scheduler, cfg, ctx) -> dict:
+    """One optimizer step over this process's share of the micro-batches."""
+    shards = [dist.shard(mb) for mb in micro_batches]
+    batches = [D.collate(s, ctx.pad_id) for s in shards if s]
+    n_tokens = dist.all_sum(sum(D.count_answer_tokens(b["labels"]) for b in batches))
+    loss_total = torch.zeros((), device=ctx.device)
+    for batch in batches:
+        batch = to_device(batch, ctx.device, ctx.mask_dtype)
+        with torch.autocast(ctx.device.type, dtype=ctx.autocast or torch.float32, enabled=ctx.autocast is not None):
+            loss = answer_loss_sum(model, batch)
+        (loss * ctx.grad_factor / max(n_tokens, 1)).backward()
+        loss_total += loss.detach()
+    if not ctx.fsdp:  # FSDP2 reduce-scatters (averages) gradients itself; grad_factor undoes the mean
+        dist.all_reduce_grads(ctx.params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(ctx.params, cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    seen = dist.all_sum(sum(int(b["input_ids"].numel()) for b in batches))
+    return {"loss": dist.all_sum(float(loss_total)) / max(n_tokens, 1), "tokens": seen,
+            "answer_tokens": n_tokens, "grad_norm": float(grad_norm)}
+
+
+def validation_loss(model, rows, ctx, batch_size: int) -> float | None:
+    if not rows:
+        return None
+    model.eval()
+    try:
+        return rows_loss(model, rows, ctx.pad_id, batch_size, ctx.autocast)
+    finally:
+        model.train()
+
+
+# --- the run -----------------------------------------------------------------------------------
+@dataclass
+class Context:
+    device: torch.device
+    autocast: torch.dtype | None
+    mask_dtype: torch.dtype
+    pad_id: int
+    params: list[torch.nn.Parameter]
+    fsdp: bool = False
+    grad_factor: int = 1  # FSDP averages gradients over processes; scaling the loss restores the sum
+
+
+def check_output_dir(out: Path, need_bytes: int):
+    """Fail before training, not after an hour: the directory must be writable with room to spare."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / ".write-test", b"ok")
+        (out / ".write-test").unlink()
+    except OSError as err:
+        raise LoraError(f"output directory {out} is not writable: {err.strerror or err}") from None
+    free = shutil.disk_usage(out).free
+    if free < need_bytes:
+        raise LoraError(f"output directory {out} has {free / 1e6:.1f} MB free; checkpoints need about "
+                        f"{need_bytes / 1e6:.1f} MB")
+
+
+def preflight(cfg: TrainConfig):
+    """The cheap checks, before any model is loaded: data and output directory given, output writable."""
+    if not cfg.data:
+        raise LoraError("no training data: pass --data FILE.jsonl")
+    if not cfg.out:
+        raise LoraError("no output directory: pass --out DIR")
+    check_output_everywhere(Path(cfg.out), need_bytes=0)
+    if cfg.fsdp and not (torch.cuda.is_available() and dist.world_size() > 1):
+        raise LoraError("--fsdp shards the model over several GPUs: it needs CUDA and --nproc > 1")
+    if cfg.fsdp and cfg.save_every:
+        raise LoraError("--fsdp writes the adapter at the end only: pass --save-every 0 (no resumable checkpoints)")
+
+
+def check_output_everywhere(out: Path, need_bytes: int):
+    """check_output_dir on the main process; every process raises if it fails (none waits forever)."""
+    error = None
+    if dist.is_main():
+        try:
+            check_output_dir(out, need_bytes)
+        except LoraError as err:
+            error = err
+    if dist.all_sum(int(error is not None)):
+        raise error or LoraError(f"output directory {out} failed its check on the main process")
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train an adapter as `cfg` says; writes cfg.out. Returns a summary dict."""
+    dist.init()
+    preflight(cfg)
+    out = Path(cfg.out)
+    device = pick_device(cfg.device) if not dist.is_distributed() else dist.device()
+    tokenizer = load_tokenizer(cfg.model)
+    prepared = prepare_data(cfg, tokenizer)
+    model = build_model(cfg, device)
+    if cfg.fsdp:
+        dist.fsdp_wrap(model)
+    params = list(adapter_params(model).values())
+    check_output_everywhere(out, need_bytes=sum(p.numel() * 4 for p in params) * 6 + (1 << 20))
+    autocast = compute_dtype(effective_precision(cfg, device))
+    ctx = Context(device, autocast, autocast or torch.float32, tokenizer.pad_token_id, params, cfg.fsdp,
+                  dist.world_size() if cfg.fsdp else 1)
+    optimizer = build_optimizer(model, cfg)
+    total = total_steps(cfg, len(prepared.train_rows))
+    warmup = int(cfg.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
+    start = resume_state(cfg, out, model, optimizer, scheduler, total)
+    log = MetricsLog(out, enabled=dist.is_main(), append=start > 0)
+    log.truncate(start)
+    if dist.is_main():
+        if start == 0:
+            drop_stale_checkpoints(out)
+        announce(cfg, model, prepared, total, autocast, start)
+        atomic_write_bytes(out / "train_config.yaml", dump(cfg).encode())
+    summary = run_steps(cfg, model, optimizer, scheduler, prepared, ctx, log, start, total, out)
+    if cfg.fsdp or dist.is_main():  # under FSDP every process joins the gather, one writes
+        save_adapter(model, out, write=dist.is_main())
+    if dist.is_main():
+        log.plot(out / "loss.png")
+    dist.barrier()
+    return summary
+
+
+def drop_stale_checkpoints(out: Path):
+    """A run from step 0 must not leave an earlier run's checkpoints for a later --resume to pick up."""
+    stale = out / "checkpoints"
+    if stale.exists():
+        print(f"note: starting from step 0; removing the earlier run's checkpoints in {stale}")
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def resume_state(cfg, out, model, optimizer, scheduler, total: int) -> int:
+    """The step to start from: 0, or the last checkpoint's when --resume finds one."""
+    latest = find_latest(out) if cfg.resume else None
+    if cfg.resume and latest is None and dist.is_main():
+        print(f"--resume: no checkpoint in {out}; starting from step 0")
+    if latest is None:
+        return 0
+    step = load_checkpoint(latest, model, optimizer, scheduler)
+    if step >= total:
+        raise LoraError(f"checkpoint {latest} is at step {step} but this run has only {total} steps; "
+                        f"raise --max-steps or --epochs to continue it")
+    if dist.is_main():
+        print(f"resuming from {latest} (step {step})")
+    return step
+
+
+def announce(cfg, model, prepared, total, autocast, start):
+    print(format_report(parameter_report(model)))
+    for note in prepared.notes:
+        print(f"note: {note}")
+    print(f"{prepared.n_examples} examples -> {len(prepared.train_rows)} packed rows of <= {cfg.max_tokens} tokens"
+          f" (+{len(prepared.val_rows)} validation rows); {total} steps of {cfg.batch_size * cfg.grad_accum} rows;"
+          f" compute {autocast or torch.float32}; processes {dist.world_size()}" + (f"; from step {start}" if start else ""))
+
+
+def run_steps(cfg, model, optimizer, scheduler, prepared, ctx, log, start, total, out) -> dict:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=start, disable=not (cfg.progress and dist.is_main()), unit="step",
+               dynamic_ncols=True)
+    stats = {}
+    for step in range(start, total):
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on inside it)
+        began = time.perf_counter()
+        stats = train_step(model, step_batches(cfg, prepared.train_rows, step), optimizer, scheduler, cfg, ctx)
+        elapsed = time.perf_counter() - began
+        record = {"step": step + 1, "loss": round(stats["loss"], 5), "lr": lr,
+                  "tokens": stats["tokens"], "step_s": round(elapsed, 4),
+                  "tokens_per_s": round(stats["tokens"] / elapsed, 1), "grad_norm": round(stats["grad_norm"], 4),
+                  "peak_memory_mb": peak_memory_mb(ctx.device)}
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
+            record["val_loss"] = validation_loss(model, prepared.val_rows, ctx, cfg.batch_size)
+        if step + 1 == total:
+            record["val_loss"] = validation_loss(model, prepared.val_rows, ctx, cfg.batch_size)
+        log.write(record)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total and dist.is_main():
+            save_checkpoint(out, step + 1, model, optimizer, scheduler)
+    bar.close()
+    return {"steps": total, "final_loss": stats.get("loss"), "out": str(out), **log.summary()}
+
+
+def cli_train(args) -> int:
+    from loraforge.train.config import resolve
+
+    cfg = resolve(args.config, **{k: getattr(args, k) for k in OVERRIDABLE if getattr(args, k, None) is not None})
+    if cfg.nproc > 1 and not dist.launched():
+        preflight(cfg)
+        return dist.launch(cfg.nproc, dump(cfg))
+    summary = train(cfg)
+    if dist.is_main():
+        print(f"adapter written to {summary['out']} ({summary['steps']} steps, final loss {summary['final_loss']:.4f})")
+    return 0
+
+
+OVERRIDABLE = ("model", "data", "out", "rank", "alpha", "dropout", "targets", "epochs", "max_steps", "lr",
+               "batch_size", "grad_accum", "max_tokens", "max_len", "seed", "precision", "device",
+               "gradient_checkpointing", "quantize", "save_every", "eval_every", "resume", "nproc",
+               "use_dora", "use_rslora", "loraplus_ratio", "train_on_prompt", "val_fraction", "progress",
+               "warmup_ratio", "weight_decay", "init", "fsdp")
