@@ -17,8 +17,8 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from loraforge.config import LoraConfig
-from loraforge.model import attach, merge, unmerge
+from loraforge.core.config import LoraConfig
+from loraforge.core.ops import attach, merge, unmerge
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,

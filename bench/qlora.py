@@ -1,10 +1,10 @@
 """QLoRA benchmark: LoRA training over a float32, a bfloat16 and an NF4 base (not a test).
 
-On the embedded SmolLM2-135M-Instruct and the demo task (loraforge.demotask "extract"), for each
+On the embedded SmolLM2-135M-Instruct and the demo task (loraforge.demo.tasks "extract"), for each
 base it runs `loraforge train` and `loraforge eval` as subprocesses (each run its own process, so
 peak memory is per run) and prints a markdown table:
 
-- base weights: bytes held by the frozen base weights after loading (loraforge.quant.weight_bytes:
+- base weights: bytes held by the frozen base weights after loading (loraforge.core.quant.weight_bytes:
   quantized storage incl. its quantization state), and the RSS right after the model is built and
   the peak RSS while building it (a separate process that builds the model, LoRA attached, exactly
   as `loraforge train` does, and stops there). A float32 base is memory-mapped from the
@@ -64,10 +64,10 @@ def measure_load(run: str, model: str) -> dict:
     """(In a fresh process.) Build the training model as `loraforge train` does; report memory."""
     import torch
 
-    from loraforge.layers import is_quantized
-    from loraforge.quant import weight_bytes
-    from loraforge.recipes import resolve
-    from loraforge.train import build_model
+    from loraforge.core.layers import is_quantized
+    from loraforge.core.quant import weight_bytes
+    from loraforge.train.config import resolve
+    from loraforge.train.loop import build_model
 
     flags = RUNS[run][0]
     options = dict(zip((f.lstrip("-").replace("-", "_") for f in flags[::2]), flags[1::2]))
@@ -104,7 +104,7 @@ def eval_adapter(args, env, adapter: Path, data: Path, extra: list[str], log: Pa
 
 
 def bench(args) -> dict:
-    from loraforge.demotask import write_splits
+    from loraforge.demo.tasks import write_splits
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

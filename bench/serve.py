@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from loraforge.config import LoraConfig
-from loraforge.io import save_adapter
-from loraforge.model import attach, unload
+from loraforge.core.config import LoraConfig
+from loraforge.core.io import save_adapter
+from loraforge.core.ops import attach, unload
 from loraforge.models import DEFAULT_MODEL, load_model, load_tokenizer
 from loraforge.serve.adapters import AdapterRegistry
 from loraforge.serve.api import preload

@@ -106,7 +106,7 @@ def long_examples(path: Path, n: int, seed: int = 0) -> Path:
     lengths vary as in real data, so batches of 4 are padded for the Trainer and packed by us."""
     import random
 
-    from loraforge.demotask import make_examples
+    from loraforge.demo.tasks import make_examples
 
     rng, items = random.Random(seed), make_examples(n * 5, seed=seed)
     rows, at = [], 0
