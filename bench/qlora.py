@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+from loraforge.models.embedded import DEFAULT_MODEL
+
 RUNS = {  # name: (train flags, eval flags)
     "fp32": (["--precision", "fp32"], []),
     "bf16": (["--precision", "bf16-base"], []),
@@ -188,7 +190,7 @@ def verdicts(results: dict) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps (0: the demo recipe's, 60)")
     parser.add_argument("--n-train", dest="n_train", type=int, default=2000)
     parser.add_argument("--n-test", dest="n_test", type=int, default=100)

@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-MODEL = "smollm2-135m-instruct"
+from loraforge.models.embedded import DEFAULT_MODEL as MODEL
+
 ENV = dict(os.environ)  # --threads sets OMP_NUM_THREADS for every child run
 
 

@@ -31,6 +31,14 @@ def one_line(err: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def format_bytes(n: int) -> str:
+    """Bytes in binary units as people read them: 512 B, 3.0 KiB, 1.5 MiB, 8.00 GiB."""
+    for unit, scale, digits in (("GiB", 2 ** 30, 2), ("MiB", 2 ** 20, 1), ("KiB", 2 ** 10, 1)):
+        if abs(n) >= scale:
+            return f"{n / scale:,.{digits}f} {unit}"
+    return f"{n} B"
+
+
 # name -> module that defines it
 _API = {
     "LoraConfig": "loraforge.core.config",
@@ -45,7 +53,7 @@ _API = {
     "evaluate": "loraforge.eval.score",
     "save_merged": "loraforge.tools.merge",
 }
-__all__ = ["LoraError", "one_line", *_API]
+__all__ = ["LoraError", "format_bytes", "one_line", *_API]
 
 
 def __getattr__(name: str):

@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from loraforge import LoraError
+from loraforge.models.embedded import DEFAULT_MODEL  # no torch import: `loraforge --help` stays quick
 
 
 def _run(target: str):
@@ -50,7 +51,7 @@ def add_demo(sub):
 
 
 def _model_flag(p):
-    p.add_argument("--model", default="smollm2-135m-instruct",
+    p.add_argument("--model", default=DEFAULT_MODEL,
                    help="local transformers directory, hub id, or the embedded default")
 
 
@@ -62,38 +63,11 @@ def _inference_flags(p):
 
 
 def add_train(sub):
+    from loraforge.train.config import add_arguments
+
     p = sub.add_parser("train", help="fine-tune a LoRA adapter on a JSONL file")
-    p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data", default=None, help="JSONL: chat, alpaca, prompt/completion or text rows")
-    p.add_argument("--out", default=None, help="output directory (adapter, metrics.jsonl, loss.png)")
     p.add_argument("--config", default=None, help="YAML recipe (file or bundled name); flags override it")
-    p.add_argument("--rank", type=int)
-    p.add_argument("--alpha", type=float)
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--targets", help="all-linear | attention | mlp | comma list of module names")
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--max-steps", dest="max_steps", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="packed rows per optimizer step")
-    p.add_argument("--grad-accum", dest="grad_accum", type=int)
-    p.add_argument("--max-tokens", dest="max_tokens", type=int, help="tokens per packed row")
-    p.add_argument("--max-len", dest="max_len", type=int, help="an example is cut to this many tokens")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "bf16-base"])
-    p.add_argument("--device")
-    p.add_argument("--quantize", choices=["nf4", "int8"])
-    p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_const", const=True)
-    p.add_argument("--dora", dest="use_dora", action="store_const", const=True)
-    p.add_argument("--rslora", dest="use_rslora", action="store_const", const=True)
-    p.add_argument("--loraplus-ratio", dest="loraplus_ratio", type=float, help="LoRA+: lr of B = lr x ratio")
-    p.add_argument("--train-on-prompt", dest="train_on_prompt", action="store_const", const=True)
-    p.add_argument("--val-fraction", dest="val_fraction", type=float)
-    p.add_argument("--save-every", dest="save_every", type=int)
-    p.add_argument("--eval-every", dest="eval_every", type=int)
-    p.add_argument("--resume", action="store_const", const=True, help="continue from the last checkpoint in --out")
-    p.add_argument("--nproc", type=int, help="data-parallel processes (torch.distributed)")
-    p.add_argument("--fsdp", action="store_const", const=True, help="FSDP2 sharding over GPUs (CUDA, --nproc > 1)")
-    p.add_argument("--no-progress", dest="progress", action="store_const", const=False)
+    add_arguments(p)  # one flag per TrainConfig field
     p.set_defaults(func=_run("train.loop:cli_train"))
 
 
@@ -169,7 +143,7 @@ def add_sweep(sub):
     p.add_argument("--budget-from", dest="budget_from", default=None,
                    help="reference targets:rank for the parameter ratio (default: the first config)")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps per configuration")
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--eval-data", dest="eval_data", default=None,
                    help="JSONL to score on (default: the validation split held out of --data)")
     p.add_argument("--eval-limit", dest="eval_limit", type=int, default=0, help="score only the first N rows")

@@ -145,3 +145,53 @@ def test_training_from_a_recipe(tmp_path, capsys):
     adapter = yaml.safe_load((out / "adapter_config.json").read_text())
     assert adapter["r"] == 2 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
     assert len(metrics(out)) == 2
+
+
+def _other_value(f: dataclasses.Field):
+    """A valid value for field `f` that is not its default."""
+    if f.metadata["choices"]:
+        return next(c for c in f.metadata["choices"] if c and c != f.default)
+    special = {"max_len": 128, "dropout": 0.25, "val_fraction": 0.25, "warmup_ratio": 0.5, "init": "gaussian",
+               "targets": "q_proj,v_proj", "exclude": "o_proj", "device": "cpu", "nproc": 2}
+    if f.name in special:
+        return special[f.name]
+    if f.type == "bool":
+        return not f.default
+    return {"int": lambda: f.default + 3, "float": lambda: f.default + 0.5, "str": lambda: f"x-{f.name}"}[f.type]()
+
+
+def _flag_args(f: dataclasses.Field, value) -> list[str]:
+    flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+    return [flag] if f.type == "bool" else [flag, str(value)]
+
+
+def test_every_train_config_field_has_a_flag_with_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata["help"], f.name
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        assert flag in text, f"{f.name}: {flag} missing from `loraforge train --help`"
+
+
+@pytest.mark.parametrize("f", dataclasses.fields(TrainConfig), ids=lambda f: f.name)
+def test_every_field_is_settable_from_a_flag_and_from_a_recipe(tmp_path, recorded, f):
+    value = _other_value(f)
+    base = ["train", "--data", "d.jsonl", "--out", "o"] if f.name not in ("data", "out") else ["train"]
+    fill = {"data": ["--data", "d.jsonl"], "out": ["--out", "o"]}
+    extra = [a for name, args in fill.items() if name != f.name and f.name in ("data", "out") for a in args]
+    if f.name == "nproc":  # more than one process relaunches under torchrun: resolve only
+        assert resolve(**{f.name: value}).nproc == value
+    else:
+        assert main(base + extra + _flag_args(f, value)) == 0
+        assert getattr(recorded[-1], f.name) == value
+    path = recipe(tmp_path, yaml.safe_dump({f.name: value}))
+    assert getattr(resolve(path), f.name) == value
+
+
+def test_an_unknown_recipe_key_is_a_one_line_error_from_the_command_line(tmp_path, capsys):
+    path = recipe(tmp_path, "rank: 4\nlearning_rate: 0.1\n")
+    assert main(["train", "--config", path, "--data", "d.jsonl", "--out", "o"]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "unknown key 'learning_rate'" in line and path in line

@@ -87,8 +87,7 @@ class LoraConfig:
         return float(_pattern_value(self.alpha_pattern, module_name, self.alpha))
 
     def scaling_for(self, module_name: str) -> float:
-        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return lora_scaling(self.alpha_for(module_name), self.rank_for(module_name), self.use_rslora)
 
     # --- PEFT's adapter_config.json ------------------------------------------------------
     def to_peft(self, target_names: list[str] | None = None, fan_in_fan_out: bool = False) -> dict:
@@ -158,6 +157,33 @@ class LoraConfig:
         if unknown:
             raise LoraError(f"{where}: unknown LoRA option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**data)
+
+
+def parse_targets(targets: str | list[str]) -> str | list[str]:
+    """Targets as a user writes them (a flag, a recipe): `all-linear`, `attention`, `mlp`, or a
+    comma list of module names (returned as a list), or already a list."""
+    if isinstance(targets, list):
+        return targets
+    text = targets.strip()
+    if text == ALL_LINEAR or text in PRESETS:
+        return text
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise LoraError("--targets is empty; use all-linear, attention, mlp or a comma list of module names")
+    return names
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The factor on B·A: alpha / r (LoRA, Hu et al. 2021, sec. 4.1) or alpha / sqrt(r) (rsLoRA,
+    Kalajdzievski 2023)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def exact_patterns(values: dict[str, float], default: float) -> dict[str, float]:
+    """Per-module values as rank_pattern / alpha_pattern entries: each module name escaped into a
+    regex that matches it alone (PEFT matches pattern keys as regexes ending the module name),
+    for every module whose value differs from `default`."""
+    return {re.escape(m): v for m, v in sorted(values.items()) if v != default}
 
 
 def _is_number(value) -> bool:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from loraforge import LoraError
-from loraforge.core.config import LoraConfig
+from loraforge.core.config import LoraConfig, exact_patterns
 from loraforge.core.layers import LoraConv1D, LoraEmbedding, LoraLayer
 from loraforge.core.ops import (ModulesToSave, _matrix_shape, adaptable_modules, attach, find_targets, lora_layers,
                              saved_module_paths)
@@ -131,20 +131,29 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     configs = getattr(model, "lora_configs", {})
     if name not in configs:
         raise LoraError(f"cannot save adapter {name!r}: the model has {', '.join(configs) or 'no adapters'}")
+    tensors, config = _pissa_to_lora(model, name, adapter_state_dict(model, name), configs[name])
+    if not write:
+        return Path(path)
+    peft_config = config.to_peft(target_names(model, name), fan_in_fan_out=_has_conv1d(model, name))
+    write_adapter_dir(path, peft_config, tensors)
+    return Path(path)
+
+
+def write_adapter_dir(path: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> int:
+    """The one writer of adapter directories: adapter_config.json (a PEFT config dict) and
+    adapter_model.safetensors, both or neither (a failed write leaves the previous pair intact).
+    Returns the weights file's size in bytes."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise LoraError(f"cannot create adapter directory {path}: {err.strerror}") from None
-    tensors, config = _pissa_to_lora(model, name, adapter_state_dict(model, name), configs[name])
-    if not write:
-        return path
-    config_bytes = _json_bytes(config.to_peft(target_names(model, name), fan_in_fan_out=_has_conv1d(model, name)))
-    atomic_write_files({  # both files or neither: a failed save leaves the previous adapter intact
+        raise LoraError(f"cannot create adapter directory {path}: {err.strerror or err}") from None
+    config_bytes = _json_bytes(config)
+    atomic_write_files({
         path / WEIGHTS_NAME: lambda tmp: _save_safetensors_to(tmp, tensors, {"format": "pt"}),
         path / CONFIG_NAME: lambda tmp: _write_bytes_to(tmp, config_bytes),
     })
-    return path
+    return (path / WEIGHTS_NAME).stat().st_size
 
 
 def _has_conv1d(model: nn.Module, name: str) -> bool:
@@ -236,10 +245,10 @@ def _ranks_from_tensors(config: LoraConfig, modules: dict) -> LoraConfig:
     """Trust the stored shapes for per-module ranks; targets are exactly the stored modules."""
     targets = sorted(modules)
     ranks = {m: (t.get("lora_A", t.get("lora_embedding_A"))).shape[0] for m, t in modules.items()}
-    patterns = {re.escape(m): r for m, r in ranks.items() if r != config.r}
-    alphas = {re.escape(m): config.alpha_for(m) for m in ranks if config.alpha_for(m) != config.alpha}
-    return LoraConfig(**{**config.to_dict(), "target_modules": targets, "rank_pattern": patterns,
-                         "alpha_pattern": alphas, "init": "default", "exclude_modules": None})
+    alphas = {m: config.alpha_for(m) for m in ranks}
+    return LoraConfig(**{**config.to_dict(), "target_modules": targets, "rank_pattern": exact_patterns(ranks, config.r),
+                         "alpha_pattern": exact_patterns(alphas, config.alpha), "init": "default",
+                         "exclude_modules": None})
 
 
 def _check_fits(model: nn.Module, config: LoraConfig, modules: dict, tensors: dict, path) -> None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraforge import LoraError
+from loraforge.core.config import lora_scaling
 
 try:  # GPT-2's Conv1D: a Linear whose weight is stored transposed (in x out)
     from transformers.pytorch_utils import Conv1D
@@ -53,7 +54,7 @@ class LoraLayer(nn.Module):
 
     def set_scaling(self, name: str, r: int, alpha: float, use_rslora: bool):
         self.r[name], self.lora_alpha[name] = r, alpha
-        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling[name] = lora_scaling(alpha, r, use_rslora)
 
     # --- merging (exact: W' = W + dW, and back) ------------------------------------------
     @property

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from loraforge import LoraError
-from loraforge.core.config import ALL_LINEAR, LoraConfig, name_matches
+from loraforge.core.config import ALL_LINEAR, LoraConfig, exact_patterns, name_matches
 from loraforge.core.layers import LoraEmbedding, LoraLayer, concat_factors, lora_layer_type, svd_factors
 
 
@@ -449,8 +449,8 @@ def attach_factors(model: nn.Module, name: str, factors: dict[str, tuple[torch.T
     r = Counter(ranks.values()).most_common(1)[0][0]
     config = LoraConfig(
         r=r, alpha=float(r), target_modules=[*factors], init="default",
-        rank_pattern={re.escape(m): k for m, k in ranks.items() if k != r},
-        alpha_pattern={re.escape(m): float(k) for m, k in ranks.items() if k != r},
+        rank_pattern=exact_patterns(ranks, r),
+        alpha_pattern={m: float(k) for m, k in exact_patterns(ranks, r).items()},
         base_model_name_or_path=base_config.base_model_name_or_path)
     attach(model, config, name, activate=False)
     layers = dict(lora_layers(model))

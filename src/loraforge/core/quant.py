@@ -14,7 +14,7 @@ under the usual PEFT keys (`base_model.model.<path>.lora_A.weight`) and load on 
 full-precision base. Embeddings, norms and the output head keep their dtype.
 
     from loraforge.core.quant import quantize_model, weight_bytes
-    model = load_model("smollm2-135m-instruct", dtype="bfloat16")
+    model = load_model(DEFAULT_MODEL, dtype="bfloat16")
     quantize_model(model, "nf4")          # then attach(model, LoraConfig(...)) as usual
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sys
 import torch
 from torch import nn
 
-from loraforge import LoraError
+from loraforge import LoraError, format_bytes
 
 METHODS = ("nf4", "int8")
 NF4_BLOCKSIZE = 64  # QLoRA's block size; bitsandbytes accepts 32..4096 (powers of two) on CPU
@@ -263,10 +263,6 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module):
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2 ** 20:,.1f} MiB"
-
-
 # --- accounting ---------------------------------------------------------------------------------
 def _state_tensors(param: torch.Tensor, owner: nn.Module | None) -> list[torch.Tensor]:
     """The tensors a quantized weight needs besides its codes (scales, code books, offsets)."""
@@ -329,11 +325,11 @@ def describe(model: nn.Module) -> str:
     """One line on how the model's Linear weights are stored (after `quantize_model`)."""
     info = getattr(model, "loraforge_quantization", None)
     if not info:
-        return f"base weights {_mib(weight_bytes(model))} (not quantized)"
+        return f"base weights {format_bytes(weight_bytes(model))} (not quantized)"
     extra = f", blocksize {info['blocksize']}, double quantization" if info["method"] == "nf4" else ""
     return (f"{info['layers']} Linear layers in {info['method']}{extra}: their weights "
-            f"{_mib(info['linear_bytes_before'])} -> {_mib(info['linear_bytes_after'])} "
+            f"{format_bytes(info['linear_bytes_before'])} -> {format_bytes(info['linear_bytes_after'])} "
             f"({info['linear_bytes_after'] / info['linear_bytes_before']:.3f}x); all base weights "
-            f"{_mib(info['bytes_before'])} -> {_mib(info['bytes_after'])} "
+            f"{format_bytes(info['bytes_before'])} -> {format_bytes(info['bytes_after'])} "
             f"({info['bytes_after'] / info['bytes_before']:.3f}x)")
 

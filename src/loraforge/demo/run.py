@@ -18,7 +18,7 @@ from loraforge.demo.tasks import write_splits
 from loraforge.eval.score import evaluate
 from loraforge.core.io import atomic_write_json, load_adapter
 from loraforge.core.ops import merge, unmerge
-from loraforge.models import load_model, load_tokenizer
+from loraforge.models import DEFAULT_MODEL, load_model, load_tokenizer
 from loraforge.train.config import resolve
 from loraforge.train.loop import train
 
@@ -89,4 +89,4 @@ def cli_demo(args) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    print(json.dumps(run_demo(Path("out/demo"), "smollm2-135m-instruct", 2000, 100, "extract", 0)))
+    print(json.dumps(run_demo(Path("out/demo"), DEFAULT_MODEL, 2000, 100, "extract", 0)))

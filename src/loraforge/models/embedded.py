@@ -26,8 +26,6 @@ from importlib import metadata, util
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-import torch
-
 from loraforge import LoraError, one_line
 
 if TYPE_CHECKING:
@@ -76,7 +74,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32, **_dequantize_kwargs(name)
+        folder, gguf_file=name, dtype="float32", **_dequantize_kwargs(name)
     )
     # The weights are now plain float tensors; drop the GGUF quantizer marker, which would
     # make save_pretrained refuse and the saved config ask for GGUF again.

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from loraforge import LoraError
+from loraforge import LoraError, format_bytes
 from loraforge.core.layers import concat_factors
-from loraforge.tools.factors import Adapter, Update, check_out, common_rank, factor_tensors, load, size_text, \
-    with_ranks, write
+from loraforge.core.io import write_adapter_dir
+from loraforge.tools.factors import Adapter, Update, check_out, common_rank, factor_tensors, load, with_ranks
 from loraforge.core.lowrank import energy_kept, factored_norm, factored_svd, split_factors
 
 METHODS = ("cat", "svd", "ties", "dare")
@@ -154,7 +154,7 @@ def combine_adapters(paths: list[str | Path], out: str | Path, weights: list[flo
             parts = [(a.updates[name], w) for a, w in zip(adapters, weights) if name in a.updates]
             results[name] = combine_module(parts, method, rank, density, generator)
     ranks = {m: A.shape[0] for m, (A, *_) in results.items()}
-    size = write(out, _output_config(adapters, ranks), _output_tensors(adapters, results, ranks))
+    size = write_adapter_dir(out, _output_config(adapters, ranks), _output_tensors(adapters, results, ranks))
     rows = [{"module": m, "rank": ranks[m], "energy_kept": kept, "energy": e} for m, (_, _, kept, e) in results.items()]
     return {"adapters": [{"path": str(a.path), "weight": w, "r": a.config.r} for a, w in zip(adapters, weights)],
             "method": method, "density": density if method in ("ties", "dare") else None,
@@ -199,7 +199,7 @@ def format_combine(report: dict) -> str:
         worst = min(report["modules"], key=lambda r: r["energy_kept"])
         lines.append(f"energy of the combined update kept by the rank-limited factoring: "
                      f"{report['energy_kept']:.4%} overall, lowest {worst['energy_kept']:.4%} ({worst['module']})")
-    lines.append(f"adapter_model.safetensors: {size_text(report['bytes'])}")
+    lines.append(f"adapter_model.safetensors: {format_bytes(report['bytes'])}")
     return "\n".join(lines)
 
 

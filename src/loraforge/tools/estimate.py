@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loraforge import LoraError, one_line
-from loraforge.core.config import ALL_LINEAR, PRESETS as TARGET_PRESETS, LoraConfig
+from loraforge import LoraError, format_bytes, one_line
+from loraforge.core.config import ALL_LINEAR, LoraConfig, parse_targets
 from loraforge.core.ops import _matrix_shape, check_ranks, find_targets, output_head_names
 from loraforge.models import DTYPES
 
@@ -152,19 +152,6 @@ def meta_model(config) -> nn.Module:
                         f"{one_line(err)}") from None
 
 
-def parse_targets(targets: str | list[str]) -> str | list[str]:
-    """CLI targets: `all-linear`, `attention`, `mlp`, or a comma list of module names (a list)."""
-    if isinstance(targets, list):
-        return targets
-    text = targets.strip()
-    if text == ALL_LINEAR or text in TARGET_PRESETS:
-        return text
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if not names:
-        raise LoraError("--targets is empty; use all-linear, attention, mlp or a comma list of module names")
-    return names
-
-
 def unique_params(model: nn.Module) -> int:
     """Parameter count with tied tensors (embedding = output head) counted once."""
     return sum(p.numel() for p in model.parameters())
@@ -289,18 +276,11 @@ def memory_verdict(needed: int, memory_gb: float) -> dict:
 
 
 # --- output ---------------------------------------------------------------------------------------
-def human(n: int) -> str:
-    """Bytes in binary units: MiB below 1 GiB, else GiB."""
-    if abs(n) < GIB:
-        return f"{n / 2 ** 20:,.1f} MiB"
-    return f"{n / GIB:,.2f} GiB"
-
-
 def _verdict_line(what: str, needed: int, memory: dict) -> str:
-    budget = human(memory["budget_bytes"])
+    budget = format_bytes(memory["budget_bytes"])
     if memory["fits"]:
-        return f"{what}: FITS in {budget}: needs {human(needed)}, margin {human(memory['margin_bytes'])}"
-    return f"{what}: DOES NOT FIT in {budget}: needs {human(needed)}, over by {human(-memory['margin_bytes'])}"
+        return f"{what}: FITS in {budget}: needs {format_bytes(needed)}, margin {format_bytes(memory['margin_bytes'])}"
+    return f"{what}: DOES NOT FIT in {budget}: needs {format_bytes(needed)}, over by {format_bytes(-memory['margin_bytes'])}"
 
 
 def format_estimate(r: dict) -> str:
@@ -316,14 +296,14 @@ def format_estimate(r: dict) -> str:
     lines += [f"{'total':<16}{r['trainable_params']:>18,}  ({r['percent']:.4f}% of "
               f"{r['base_params']:,} base parameters)", "",
               f"{'memory':<30}{'LoRA':>14}{'full fine-tuning':>20}",
-              f"{'frozen base weights':<30}{human(r['base_weight_bytes']):>14}{'-':>20}",
-              f"{'trainable weights':<30}{human(r['adapter_weight_bytes']):>14}{human(full['weight_bytes']):>20}",
-              f"{'fp32 master weights':<30}{'-':>14}{human(full['fp32_master_bytes']):>20}",
-              f"{'gradients':<30}{human(r['gradient_bytes']):>14}{human(full['gradient_bytes']):>20}",
-              f"{'optimizer states':<30}{human(r['optimizer_bytes']):>14}{human(full['optimizer_bytes']):>20}",
-              f"{'total':<30}{human(r['total_training_bytes']):>14}{human(full['total_training_bytes']):>20}",
+              f"{'frozen base weights':<30}{format_bytes(r['base_weight_bytes']):>14}{'-':>20}",
+              f"{'trainable weights':<30}{format_bytes(r['adapter_weight_bytes']):>14}{format_bytes(full['weight_bytes']):>20}",
+              f"{'fp32 master weights':<30}{'-':>14}{format_bytes(full['fp32_master_bytes']):>20}",
+              f"{'gradients':<30}{format_bytes(r['gradient_bytes']):>14}{format_bytes(full['gradient_bytes']):>20}",
+              f"{'optimizer states':<30}{format_bytes(r['optimizer_bytes']):>14}{format_bytes(full['optimizer_bytes']):>20}",
+              f"{'total':<30}{format_bytes(r['total_training_bytes']):>14}{format_bytes(full['total_training_bytes']):>20}",
               "",
-              f"adapter file: adapter_model.safetensors {human(r['adapter_file_bytes'])} "
+              f"adapter file: adapter_model.safetensors {format_bytes(r['adapter_file_bytes'])} "
               f"({r['adapter_file_bytes']:,} bytes) in {s['adapter_dtype']} "
               f"(--adapter-dtype; default float32, as adapters train in float32)",
               f"LoRA: adapter weights and gradients in {s['adapter_dtype']}, {s['optimizer']} states "

@@ -7,8 +7,6 @@ ranks come from the stored shapes and alphas from the config, as `loraforge.core
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +14,8 @@ from pathlib import Path
 import torch
 
 from loraforge import LoraError
-from loraforge.core.config import LoraConfig
-from loraforge.core.io import CONFIG_NAME, WEIGHTS_NAME, atomic_save_safetensors, atomic_write_json, group_by_module, \
-    read_adapter
+from loraforge.core.config import LoraConfig, exact_patterns, lora_scaling
+from loraforge.core.io import CONFIG_NAME, WEIGHTS_NAME, group_by_module, read_adapter
 
 
 @dataclass
@@ -89,8 +86,7 @@ def _update(module: str, parts: dict, key_of: dict, config: LoraConfig, path: Pa
 
 def scaling_at(config: LoraConfig, module: str, r: int) -> float:
     """The module's scaling at rank r: its alpha (alpha_pattern applies) over r, or sqrt(r) (rsLoRA)."""
-    alpha = config.alpha_for(module)
-    return alpha / math.sqrt(r) if config.use_rslora else alpha / r
+    return lora_scaling(config.alpha_for(module), r, config.use_rslora)
 
 
 def factor_tensors(update: Update, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype,
@@ -112,8 +108,7 @@ def with_ranks(raw: dict, ranks: dict[str, int], **changes) -> dict:
     """A copy of adapter_config.json with per-module ranks: r = the most common one, the others
     as exact-name entries in rank_pattern (PEFT matches keys as regexes on the module name)."""
     r = common_rank(ranks)
-    pattern = {re.escape(m): k for m, k in sorted(ranks.items()) if k != r}
-    return {**raw, **changes, "r": r, "rank_pattern": pattern}
+    return {**raw, **changes, "r": r, "rank_pattern": exact_patterns(ranks, r)}
 
 
 def check_out(out: str | Path, sources: list[Path]):
@@ -122,23 +117,6 @@ def check_out(out: str | Path, sources: list[Path]):
         raise LoraError(f"--out {out} is an input adapter; write the result to another directory")
 
 
-def write(out: str | Path, raw: dict, tensors: dict[str, torch.Tensor]) -> int:
-    """Write a PEFT-format adapter directory (atomic per file); returns the weights file's size."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise LoraError(f"cannot create output directory {out}: {err.strerror or err}") from None
-    atomic_save_safetensors(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
-    atomic_write_json(out / CONFIG_NAME, raw)
-    return (out / WEIGHTS_NAME).stat().st_size
-
-
-def size_text(n: int) -> str:
-    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if n >= scale:
-            return f"{n / scale:,.1f} {unit}"
-    return f"{n} B"
 
 
 def save_figure(fig, path: str | Path) -> Path:

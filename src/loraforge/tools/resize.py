@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from loraforge import LoraError
-from loraforge.tools.factors import check_out, factor_tensors, load, scaling_at, size_text, with_ranks, write
+from loraforge import LoraError, format_bytes
+from loraforge.core.io import write_adapter_dir
+from loraforge.tools.factors import check_out, factor_tensors, load, scaling_at, with_ranks
 from loraforge.core.lowrank import energy_kept, energy_rank, factored_svd, split_factors
 
 DORA_NOTE = ("DoRA: magnitude vectors kept as they were; below full rank the direction W + dW' differs "
@@ -61,7 +62,7 @@ def resize_adapter(path: str | Path, out: str | Path, rank: int | None = None,
             ranks[name] = k
             rows.append({"module": name, "rank": update.rank, "new_rank": k, "energy_kept": energy_kept(S, k),
                          "energy": float((S.double() ** 2).sum())})
-    size = write(out, with_ranks(adapter.raw, ranks), tensors)
+    size = write_adapter_dir(out, with_ranks(adapter.raw, ranks), tensors)
     total = sum(r["energy"] for r in rows)
     overall = sum(r["energy"] * r["energy_kept"] for r in rows) / total if total else 1.0
     return {"adapter": str(path), "out": str(out), "modules": rows, "energy_kept": overall,
@@ -80,7 +81,7 @@ def format_resize(report: dict) -> str:
     before, after = report["bytes_before"], report["bytes_after"]
     lines += ["", f"overall energy kept: {kept:.4%} (relative error ||dW - dW'||/||dW|| of all modules "
                   f"together: {math.sqrt(max(0.0, 1 - kept)):.2%})",
-              f"adapter_model.safetensors: {size_text(before)} -> {size_text(after)} "
+              f"adapter_model.safetensors: {format_bytes(before)} -> {format_bytes(after)} "
               f"({after / before:.1%} of the original)"]
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraforge import LoraError
+from loraforge.models.embedded import DEFAULT_MODEL
 from loraforge import data as D
 from loraforge.core.io import atomic_write_json
 from loraforge.tools.factors import save_figure
@@ -100,7 +101,7 @@ def run_one(config: SweepConfig, cfg, examples: list) -> dict:
 
 
 def run_sweep(data: str, configs: str | list[SweepConfig], budget_from: str | None = None, steps: int = 100,
-              model: str = "smollm2-135m-instruct", eval_data: str | None = None, out: str = "out/sweep",
+              model: str = DEFAULT_MODEL, eval_data: str | None = None, out: str = "out/sweep",
               seed: int = 0, eval_limit: int = 0, **overrides) -> dict:
     """Train and score every configuration; write OUT/results.json and OUT/sweep.png."""
     from loraforge.models import resolve_model_path

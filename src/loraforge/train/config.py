@@ -6,57 +6,72 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass, fields
+import argparse
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from loraforge import LoraError, one_line
+from loraforge.core.config import INITS
+from loraforge.models.embedded import DEFAULT_MODEL
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
+PRECISIONS = ("auto", "fp32", "bf16", "bf16-base")
+QUANTIZE = ("", "nf4", "int8")
+ARG_TYPES = {"int": int, "float": float, "str": str}
+
+
+def setting(default, help: str, flag: str | None = None, choices: tuple | None = None):
+    """A TrainConfig field: its default, the help text of its flag, and (optionally) the flag's
+    name when it is not ``--field-name`` and the values it accepts."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
 
 
 @dataclass
 class TrainConfig:
-    """Everything `loraforge train` needs. Defaults were chosen by experiment (README, "Defaults")."""
+    """Everything `loraforge train` needs, declared once: each field is a YAML recipe key and a
+    command-line flag (``add_arguments``). Defaults were chosen by experiment (README, "Defaults")."""
 
-    model: str = "smollm2-135m-instruct"
-    data: str = ""
-    out: str = ""
+    model: str = setting(DEFAULT_MODEL, "base model: local transformers directory, hub id, or the embedded default")
+    data: str = setting("", "JSONL: chat, alpaca, prompt/completion or text rows")
+    out: str = setting("", "output directory (adapter, metrics.jsonl, loss.png, checkpoints)")
     # adapter
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: str = "all-linear"
-    use_rslora: bool = False
-    use_dora: bool = False
-    init: str = "default"
+    rank: int = setting(8, "LoRA rank r")
+    alpha: float = setting(16.0, "LoRA alpha (scaling = alpha / r)")
+    dropout: float = setting(0.0, "dropout on the adapter input")
+    targets: str = setting("all-linear", "all-linear | attention | mlp | comma list of module names")
+    exclude: str = setting("", "comma list of module names (or suffixes) never to adapt")
+    use_rslora: bool = setting(False, "rsLoRA: scaling = alpha / sqrt(r)", flag="--rslora")
+    use_dora: bool = setting(False, "DoRA: a learned magnitude per output row", flag="--dora")
+    init: str = setting("default", "adapter init", choices=INITS)
     # optimisation
-    lr: float = 1e-3
-    loraplus_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): lr of B = lr * ratio
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    max_grad_norm: float = 1.0
-    epochs: float = 1.0
-    max_steps: int = 0  # 0: run `epochs` epochs
-    batch_size: int = 8  # packed rows per optimizer step (the global batch, across processes)
-    grad_accum: int = 1
-    max_tokens: int = 256  # tokens in one packed row
-    max_len: int = 256  # one example is cut to this many tokens
-    train_on_prompt: bool = False
-    seed: int = 0
+    lr: float = setting(1e-3, "peak learning rate (AdamW)")
+    loraplus_ratio: float = setting(1.0, "LoRA+ (Hayou et al. 2024): lr of B = lr x ratio")
+    weight_decay: float = setting(0.0, "AdamW weight decay on the adapter")
+    warmup_ratio: float = setting(0.05, "fraction of the steps spent warming the lr up (then cosine decay)")
+    max_grad_norm: float = setting(1.0, "clip the adapter gradients' global norm to this")
+    epochs: float = setting(1.0, "passes over the training rows")
+    max_steps: int = setting(0, "optimizer steps (0: run `epochs` epochs)")
+    batch_size: int = setting(8, "packed rows per optimizer step (the global batch, across processes)")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    max_tokens: int = setting(256, "tokens in one packed row")
+    max_len: int = setting(256, "an example is cut to this many tokens")
+    train_on_prompt: bool = setting(False, "learn the prompt tokens too (default: the answer only)")
+    seed: int = setting(0, "seed of the adapter init, the data order and the validation split")
     # runtime
-    precision: str = "auto"  # auto | fp32 | bf16 (autocast) | bf16-base (frozen base stored in bf16)
-    device: str = "auto"
-    gradient_checkpointing: bool = False
-    quantize: str = ""  # "" | nf4 | int8 (QLoRA)
-    save_every: int = 50  # checkpoint every N steps (0: only at the end)
-    eval_every: int = 0  # validation loss every N steps (0: at the end only)
-    val_fraction: float = 0.05
-    resume: bool = False
-    nproc: int = 1
-    fsdp: bool = False  # FSDP2 (fully_shard per decoder block) on CUDA, with --nproc > 1
-    progress: bool = True
+    precision: str = setting("auto", "auto | fp32 | bf16 (autocast) | bf16-base (frozen base stored in bf16)",
+                             choices=PRECISIONS)
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward (less memory, slower)")
+    quantize: str = setting("", "4-bit / 8-bit frozen base (QLoRA)", choices=QUANTIZE)
+    save_every: int = setting(50, "checkpoint every N steps (0: only at the end)")
+    eval_every: int = setting(0, "validation loss every N steps (0: at the end only)")
+    val_fraction: float = setting(0.05, "fraction of the rows held out for validation")
+    resume: bool = setting(False, "continue from the last checkpoint in --out")
+    nproc: int = setting(1, "data-parallel processes (torch.distributed)")
+    fsdp: bool = setting(False, "FSDP2 (fully_shard per decoder block) on CUDA, with --nproc > 1")
+    progress: bool = setting(True, "progress bar", flag="--no-progress")
 
     def problems(self) -> list[str]:
         errors = []
@@ -66,10 +81,10 @@ class TrainConfig:
         for name in ("lr", "alpha", "epochs"):
             if getattr(self, name) <= 0:
                 errors.append(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.precision not in ("auto", "fp32", "bf16", "bf16-base"):
-            errors.append(f"precision must be auto, fp32, bf16 or bf16-base, got {self.precision!r}")
-        if self.quantize not in ("", "nf4", "int8"):
-            errors.append(f"quantize must be nf4 or int8, got {self.quantize!r}")
+        for f in fields(self):
+            allowed = f.metadata["choices"]
+            if allowed and getattr(self, f.name) not in allowed:
+                errors.append(f"{f.name} must be {_one_of(allowed)}, got {getattr(self, f.name)!r}")
         for name in ("max_steps", "save_every", "eval_every"):
             if getattr(self, name) < 0:
                 errors.append(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -81,6 +96,23 @@ class TrainConfig:
         if self.max_len > self.max_tokens:
             errors.append(f"max_len ({self.max_len}) must not exceed max_tokens ({self.max_tokens})")
         return errors
+
+
+def _one_of(choices: tuple) -> str:
+    named = [c for c in choices if c]  # "" (none) is the default, not a value to suggest
+    return ", ".join(named[:-1]) + " or " + named[-1] if len(named) > 1 else named[0]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (``--max-steps`` for ``max_steps``); a flag that is not
+    given stays None, so the recipe's value or the default holds."""
+    for f in fields(TrainConfig):
+        flag, help_text = f.metadata["flag"] or "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type == "bool":
+            parser.add_argument(flag, dest=f.name, action="store_const", const=not f.default, help=help_text)
+            continue
+        choices = [c for c in f.metadata["choices"] or () if c] or None
+        parser.add_argument(flag, dest=f.name, type=ARG_TYPES[f.type], choices=choices, help=help_text)
 
 
 def _type_ok(value, annotation) -> bool:
@@ -124,7 +156,7 @@ def _as_float(text: str):
 
 
 def load_recipe(path_or_name: str) -> dict:
-    """A YAML recipe file, or the name of a bundled one (src/loraforge/recipes/NAME.yaml)."""
+    """A YAML recipe file, or the name of a bundled one (src/loraforge/train/recipes/NAME.yaml)."""
     path = Path(path_or_name)
     if not path.exists() and (RECIPE_DIR / f"{path_or_name}.yaml").exists():
         path = RECIPE_DIR / f"{path_or_name}.yaml"

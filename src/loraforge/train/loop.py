@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from loraforge import LoraError
 from loraforge import data as D
 from loraforge.train import distributed as dist
 from loraforge.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
-from loraforge.core.config import LoraConfig
+from loraforge.core.config import LoraConfig, parse_targets
 from loraforge.eval.score import answer_loss_sum, rows_loss
 from loraforge.core.io import atomic_write_bytes, save_adapter
 from loraforge.train.log import MetricsLog, peak_memory_mb
@@ -69,8 +70,9 @@ def step_batches(cfg: TrainConfig, rows: list[dict], step: int) -> list[list[dic
 
 # --- model -------------------------------------------------------------------------------------
 def lora_config(cfg: TrainConfig) -> LoraConfig:
-    targets = cfg.targets if cfg.targets in ("all-linear", "attention", "mlp") else cfg.targets.split(",")
-    return LoraConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=targets,
+    exclude = [name.strip() for name in cfg.exclude.split(",") if name.strip()] or None
+    return LoraConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=parse_targets(cfg.targets),
+                      exclude_modules=exclude,
                       use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init=cfg.init,
                       base_model_name_or_path=cfg.model)
 
@@ -320,7 +322,7 @@ def run_steps(cfg, model, optimizer, scheduler, prepared, ctx, log, start, total
 def cli_train(args) -> int:
     from loraforge.train.config import resolve
 
-    cfg = resolve(args.config, **{k: getattr(args, k) for k in OVERRIDABLE if getattr(args, k, None) is not None})
+    cfg = resolve(args.config, **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     if cfg.nproc > 1 and not dist.launched():
         preflight(cfg)
         return dist.launch(cfg.nproc, dump(cfg))
@@ -329,9 +331,3 @@ def cli_train(args) -> int:
         print(f"adapter written to {summary['out']} ({summary['steps']} steps, final loss {summary['final_loss']:.4f})")
     return 0
 
-
-OVERRIDABLE = ("model", "data", "out", "rank", "alpha", "dropout", "targets", "epochs", "max_steps", "lr",
-               "batch_size", "grad_accum", "max_tokens", "max_len", "seed", "precision", "device",
-               "gradient_checkpointing", "quantize", "save_every", "eval_every", "resume", "nproc",
-               "use_dora", "use_rslora", "loraplus_ratio", "train_on_prompt", "val_fraction", "progress",
-               "warmup_ratio", "weight_decay", "init", "fsdp")
