@@ -1,5 +1,8 @@
 """The command line: parse arguments, call one function, print. Nothing else lives here.
 
+Results go to stdout (what a command was asked for: a table, a JSON line, generated text);
+progress and status messages from the library's ``logging`` go to stderr, like the progress bars.
+
 Each command has an ``add_<name>`` function that declares its flags and names the function
 that runs it (``loraforge.<module>.<function>(args)``), imported lazily so that
 ``loraforge estimate`` does not pay for importing the training or serving stack.
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from loraforge import LoraError
@@ -192,8 +196,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StatusToStderr(logging.Handler):
+    """Each loraforge log record as one plain line on the current sys.stderr."""
+
+    def emit(self, record: logging.LogRecord):
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+def route_status_messages():
+    """Send the library's INFO messages to stderr (once per process; a library user who
+    imports loraforge configures logging as they like instead)."""
+    logger = logging.getLogger("loraforge")
+    if not any(isinstance(h, _StatusToStderr) for h in logger.handlers):
+        logger.addHandler(_StatusToStderr())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    route_status_messages()
     try:
         result = args.func(args)
     except LoraError as err:

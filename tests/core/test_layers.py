@@ -1,5 +1,5 @@
 """The layer math, one wrapper at a time: init, scaling, forward, merge/unmerge, DoRA, PiSSA,
-several adapters on one layer, and the factor algebra (concat_factors, svd_factors)."""
+several adapters on one layer."""
 import math
 
 import pytest
@@ -8,8 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from loraforge import LoraError
-from loraforge.core.layers import (LoraConv1D, LoraEmbedding, LoraLinear, concat_factors, lora_layer_type,
-                              svd_factors)
+from loraforge.core.layers import LoraConv1D, LoraEmbedding, LoraLinear, lora_layer_type
 
 IN, OUT, VOCAB, DIM = 32, 24, 50, 16
 
@@ -266,26 +265,3 @@ def test_row_routing_refuses_merged():
     layer.row_adapters = [("default", torch.tensor([0]))]
     with pytest.raises(LoraError, match="unmerge"):
         layer(make_input("linear"))
-
-
-def test_concat_factors_is_exact_weighted_sum():
-    gen = torch.Generator().manual_seed(0)
-    parts = [(torch.randn(r, IN, generator=gen), torch.randn(OUT, r, generator=gen), c)
-             for r, c in ((2, 0.5), (3, -1.5))]
-    A, B = concat_factors(parts)
-    assert A.shape == (5, IN) and B.shape == (OUT, 5)
-    expected = sum(c * b @ a for a, b, c in parts)
-    torch.testing.assert_close(B @ A, expected, atol=1e-5, rtol=1e-5)
-
-
-def test_svd_factors_full_and_truncated():
-    gen = torch.Generator().manual_seed(0)
-    delta = torch.randn(OUT, 5, generator=gen) @ torch.randn(5, IN, generator=gen)
-    A, B, S = svd_factors(delta, 5)
-    torch.testing.assert_close(B @ A, delta, atol=1e-4, rtol=1e-4)
-    A2, B2, _ = svd_factors(delta, 2)
-    assert A2.shape == (2, IN) and B2.shape == (OUT, 2)
-    error = torch.linalg.matrix_norm(B2 @ A2 - delta)
-    torch.testing.assert_close(error, S[2:].square().sum().sqrt(), atol=1e-3, rtol=1e-3)  # Eckart-Young
-    A3, _, _ = svd_factors(delta, 100)  # rank is capped by the matrix
-    assert A3.shape[0] == min(OUT, IN)

@@ -74,7 +74,7 @@ def test_nf4_replaces_block_linears_in_place_with_double_quantized_blocks_of_64(
     names = set(quantizable_linears(model))
     assert names and all(n.split(".")[-1] in BASE_KEYS for n in names)
     before = weight_bytes(model)
-    quantize_model(model, "nf4", verbose=False)
+    quantize_model(model, "nf4")
     modules = dict(model.named_modules())
     for name in names:  # same names, 4-bit layers, NF4 with double quantization, blocks of 64
         layer = modules[name]
@@ -97,17 +97,17 @@ def test_nf4_replaces_block_linears_in_place_with_double_quantized_blocks_of_64(
 def test_quantize_model_refuses_bad_requests():
     model = tiny_llama()
     with pytest.raises(LoraError, match="unknown quantization"):
-        quantize_model(model, "fp8", verbose=False)
+        quantize_model(model, "fp8")
     with pytest.raises(LoraError, match="block size"):
-        quantize_model(model, "nf4", blocksize=48, verbose=False)
+        quantize_model(model, "nf4", blocksize=48)
     attach(model, LoraConfig(r=4, target_modules="all-linear"))
     with pytest.raises(LoraError, match="before attaching"):
-        quantize_model(model, "nf4", verbose=False)
+        quantize_model(model, "nf4")
 
 
 # --- LoRA over NF4 ---------------------------------------------------------------------------------
 def test_lora_over_nf4_matches_lora_over_the_dequantized_weights():
-    quantized = lora(quantize_model(tiny_llama(), "nf4", verbose=False))
+    quantized = lora(quantize_model(tiny_llama(), "nf4"))
     reference = lora(dequantized_copy(quantized))  # same seed: same adapters
     ids = batch()
     got, expected = logits(quantized, ids), logits(reference, ids)
@@ -124,7 +124,7 @@ def test_lora_over_nf4_matches_lora_over_the_dequantized_weights():
 
 
 def test_only_adapters_get_gradients_under_bf16_autocast_also_after_an_eval_pass():
-    model = lora(quantize_model(tiny_llama(), "nf4", verbose=False))
+    model = lora(quantize_model(tiny_llama(), "nf4"))
     params = adapter_params(model)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(params)
     ids = batch()
@@ -147,7 +147,7 @@ def test_only_adapters_get_gradients_under_bf16_autocast_also_after_an_eval_pass
 
 
 def test_training_over_nf4_reduces_the_loss_and_leaves_the_base_alone():
-    model = quantize_model(tiny_llama(), "nf4", verbose=False)
+    model = quantize_model(tiny_llama(), "nf4")
     torch.manual_seed(0)
     attach(model, LoraConfig(r=8, alpha=16, target_modules="all-linear"))
     set_trainable(model)
@@ -170,7 +170,7 @@ def test_training_over_nf4_reduces_the_loss_and_leaves_the_base_alone():
 
 
 def test_adapter_trained_over_nf4_loads_on_the_full_precision_base(tmp_path):
-    nf4 = lora(quantize_model(tiny_llama(), "nf4", verbose=False), r=8)
+    nf4 = lora(quantize_model(tiny_llama(), "nf4"), r=8)
     save_adapter(nf4, tmp_path / "adapter")
     keys = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
     assert set(keys) == set(BASE_KEYS)
@@ -190,7 +190,7 @@ def test_adapter_trained_over_nf4_loads_on_the_full_precision_base(tmp_path):
 
 
 def test_merge_into_nf4_warns_and_rounds_only():
-    model = quantize_model(tiny_llama(), "nf4", verbose=False)
+    model = quantize_model(tiny_llama(), "nf4")
     ids = batch()
     without = logits(model, ids)
     lora(model)
@@ -206,11 +206,11 @@ def test_merge_into_nf4_warns_and_rounds_only():
 
 
 def test_adapter_merged_into_the_dequantized_base_keeps_the_trained_model(tmp_path):
-    nf4 = lora(quantize_model(tiny_llama(), "nf4", verbose=False))
+    nf4 = lora(quantize_model(tiny_llama(), "nf4"))
     save_adapter(nf4, tmp_path / "adapter")
     ids = batch()
     trained = logits(nf4, ids)
-    base = dequantize_model(quantize_model(tiny_llama(), "nf4", verbose=False))
+    base = dequantize_model(quantize_model(tiny_llama(), "nf4"))
     assert not any(is_quantized(m) for m in base.modules())
     assert type(base.model.layers[0].mlp.up_proj) is torch.nn.Linear
     load_adapter(base, tmp_path / "adapter")
@@ -223,7 +223,7 @@ def test_adapter_merged_into_the_dequantized_base_keeps_the_trained_model(tmp_pa
 def test_int8_base_trains_evaluates_and_merges():
     import bitsandbytes as bnb
 
-    model = quantize_model(tiny_llama(), "int8", verbose=False)
+    model = quantize_model(tiny_llama(), "int8")
     assert isinstance(model.model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)
     lora(model)
     reference = lora(tiny_llama())

@@ -139,7 +139,7 @@ def test_training_from_a_recipe(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["train", "--config", path, "--model", str(base), "--data", str(splits["train"]),
                  "--out", str(out), "--max-steps", "2", *FAST]) == 0
-    assert "validation split disabled" in capsys.readouterr().out
+    assert "validation split disabled" in capsys.readouterr().err
     saved = yaml.safe_load((out / "train_config.yaml").read_text())
     assert (saved["rank"], saved["targets"], saved["max_steps"], saved["lr"]) == (2, "q_proj,v_proj", 2, 0.02)
     adapter = yaml.safe_load((out / "adapter_config.json").read_text())

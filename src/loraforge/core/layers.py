@@ -321,24 +321,6 @@ class LoraEmbedding(LoraLayer):
         return (after_A @ self.lora_embedding_B[name].T * self.scaling[name]).to(base_out.dtype)
 
 
-# --- adapter algebra on factors (used by combine, resize and the tools) ------------------------
-def concat_factors(parts: list[tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact combination: sum_i w_i B_i A_i as one adapter of rank sum(r_i) with scaling 1.
-    `parts` holds (A_i, B_i, w_i * scaling_i)."""
-    A = torch.cat([a.float() for a, _, _ in parts], dim=0)  # (sum r, in)
-    B = torch.cat([b.float() * coef for _, b, coef in parts], dim=1)  # (out, sum r)
-    return A, B
-
-
-def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best rank-`rank` approximation of delta (out x in) by truncated SVD (Eckart-Young),
-    split as B = U sqrt(S), A = sqrt(S) Vh with scaling 1. Also returns all singular values."""
-    U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
-    rank = min(rank, S.numel())
-    root = S[:rank].sqrt()
-    return root[:, None] * Vh[:rank], U[:, :rank] * root[None, :], S
-
-
 # --- quantized base layers (bitsandbytes), kept here so the rest of the code need not care ----
 def is_quantized(layer: nn.Module) -> bool:
     weight = getattr(layer, "weight", None)

@@ -55,3 +55,22 @@ def split_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int, sc
     A = sqrt(S_k / scaling) Vh_k, B = U_k sqrt(S_k / scaling)."""
     root = (S[:k].double() / scaling).sqrt()  # k <= len(S): callers cap the rank
     return root[:, None] * Vh[:k].double(), U[:, :k].double() * root[None, :]
+
+
+def concat_factors(parts: list[tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact combination: sum_i w_i B_i A_i as one adapter of rank sum(r_i) with scaling 1.
+    `parts` holds (A_i, B_i, w_i * scaling_i); the result keeps the inputs' float precision."""
+    dtype = torch.float64 if any(a.dtype == torch.float64 for a, _, _ in parts) else torch.float32
+    A = torch.cat([a.to(dtype) for a, _, _ in parts], dim=0)  # (sum r, in)
+    B = torch.cat([b.to(dtype) * coef for _, b, coef in parts], dim=1)  # (out, sum r)
+    return A, B
+
+
+def truncated_factors(A: torch.Tensor, B: torch.Tensor, k: int, scaling: float = 1.0
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The best rank-k approximation of s·B·A (Eckart-Young) as factors with scaling 1, from the
+    factored SVD; k is capped by the update's rank. Also returns all singular values."""
+    U, S, Vh = factored_svd(A, B, scaling)
+    k = min(k, S.numel())
+    A_k, B_k = split_factors(U, S, Vh, k, 1.0)
+    return A_k, B_k, S

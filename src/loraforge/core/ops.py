@@ -16,7 +16,8 @@ from torch import nn
 
 from loraforge import LoraError
 from loraforge.core.config import ALL_LINEAR, LoraConfig, exact_patterns, name_matches
-from loraforge.core.layers import LoraEmbedding, LoraLayer, concat_factors, lora_layer_type, svd_factors
+from loraforge.core.layers import LoraEmbedding, LoraLayer, lora_layer_type
+from loraforge.core.lowrank import concat_factors, truncated_factors
 
 
 # --- finding targets ------------------------------------------------------------------------
@@ -430,15 +431,11 @@ def combine(model: nn.Module, names: list[str], weights: list[float], new_name: 
         parts = [(*layer.factors(n), w * layer.scaling[n]) for n, w in zip(names, weights) if n in layer.r]
         if not parts:
             continue
-        if method == "cat":
-            A, B = concat_factors(parts)
-            smaller_side = min(A.shape[1], B.shape[0])
-            if A.shape[0] > smaller_side:  # more rank than the layer has: the same update, re-factored
-                A, B = svd_factors(B @ A, smaller_side)[:2]
-            factors[module_name] = A, B
-        else:
-            delta = sum(B.float() @ A.float() * coef for A, B, coef in parts)
-            factors[module_name] = svd_factors(delta, rank)[:2]
+        A, B = concat_factors(parts)  # exact, rank = sum of ranks
+        full = min(A.shape[1], B.shape[0])
+        if method == "svd" or A.shape[0] > full:  # a rank cut, or more rank than the layer has
+            A, B, _ = truncated_factors(A, B, rank if method == "svd" else full)
+        factors[module_name] = A.float(), B.float()
     return attach_factors(model, new_name, factors, base_config=model.lora_configs[names[0]])
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from loraforge import LoraError, format_bytes
 
+logger = logging.getLogger(__name__)
 METHODS = ("nf4", "int8")
 NF4_BLOCKSIZE = 64  # QLoRA's block size; bitsandbytes accepts 32..4096 (powers of two) on CPU
 TRIM_EVERY = 8  # layers between two malloc_trim calls while quantizing
@@ -114,7 +115,7 @@ def to_int8(linear: nn.Linear, threshold: float = INT8_THRESHOLD) -> nn.Module:
 
 
 def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: torch.dtype | None = None,
-                   blocksize: int = NF4_BLOCKSIZE, verbose: bool = True) -> nn.Module:
+                   blocksize: int = NF4_BLOCKSIZE) -> nn.Module:
     """Replace, in place, every Linear except the output head by its bitsandbytes 4-bit ("nf4") or
     8-bit ("int8") version, one layer at a time (the float weight of each is freed as soon as it
     is replaced). Module names are unchanged. Quantize before attaching adapters.
@@ -159,8 +160,7 @@ def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: torch.d
         "method": method, "layers": n_layers, "blocksize": blocksize if method == "nf4" else None,
         "bytes_before": before, "bytes_after": after,
         "linear_bytes_before": linear_before, "linear_bytes_after": linear_after}
-    if verbose:
-        print(f"loraforge: {describe(model)}", file=sys.stderr)
+    logger.info(describe(model))
     return model
 
 

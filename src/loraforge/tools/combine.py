@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 
 from loraforge import LoraError, format_bytes
-from loraforge.core.layers import concat_factors
 from loraforge.core.io import write_adapter_dir
 from loraforge.tools.factors import Adapter, Update, check_out, common_rank, factor_tensors, load, with_ranks
-from loraforge.core.lowrank import energy_kept, factored_norm, factored_svd, split_factors
+from loraforge.core.lowrank import concat_factors, energy_kept, factored_norm, factored_svd, split_factors
 
 METHODS = ("cat", "svd", "ties", "dare")
 

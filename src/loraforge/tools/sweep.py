@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from loraforge import data as D
 from loraforge.core.io import atomic_write_json
 from loraforge.tools.factors import save_figure
 
+logger = logging.getLogger(__name__)
 ALPHA_PER_RANK = 2.0
 
 
@@ -118,7 +120,7 @@ def run_sweep(data: str, configs: str | list[SweepConfig], budget_from: str | No
     report = {"model": model, "data": data, "eval_data": where, "steps": steps, "seed": seed,
               "budget_from": budget.label, "budget_params": budget_params, "results": []}
     for i, (config, cfg, count) in enumerate(zip(configs, cfgs, params), 1):
-        print(f"[{i}/{len(configs)}] {config.label}: {count:,} trainable parameters, {steps} steps", flush=True)
+        logger.info(f"[{i}/{len(configs)}] {config.label}: {count:,} trainable parameters, {steps} steps")
         row = {**run_one(config, cfg, examples), "trainable_params": count, "budget_ratio": count / budget_params}
         report["results"].append(row)
         atomic_write_json(out / "results.json", report)

@@ -6,6 +6,7 @@ training give the same update as one big batch. Logits are computed only where a
 """
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import time
@@ -26,6 +27,8 @@ from loraforge.train.log import MetricsLog, peak_memory_mb
 from loraforge.core.ops import adapter_params, attach, format_report, parameter_report
 from loraforge.models import load_model, load_tokenizer, pick_device
 from loraforge.train.config import TrainConfig, dump
+
+logger = logging.getLogger(__name__)
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -221,10 +224,45 @@ def check_output_everywhere(out: Path, need_bytes: int):
         raise error or LoraError(f"output directory {out} failed its check on the main process")
 
 
+@dataclass
+class Run:
+    """Everything one training run holds: the settings, the model and its optimizer and
+    schedule, the data, where it writes, and the steps it covers (``start`` is > 0 on resume)."""
+
+    cfg: TrainConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data: Prepared
+    ctx: Context
+    log: MetricsLog
+    out: Path
+    start: int
+    total: int
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train an adapter as `cfg` says; writes cfg.out. Returns a summary dict."""
     dist.init()
     preflight(cfg)
+    run = setup(cfg)
+    if dist.is_main():
+        if run.start == 0:
+            drop_stale_checkpoints(run.out)
+        announce(run)
+        atomic_write_bytes(run.out / "train_config.yaml", dump(cfg).encode())
+    summary = run_steps(run)
+    if cfg.fsdp or dist.is_main():  # under FSDP every process joins the gather, one writes
+        save_adapter(run.model, run.out, write=dist.is_main())
+    if dist.is_main():
+        run.log.plot(run.out / "loss.png")
+    dist.barrier()
+    return summary
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Load the data and the model, attach the adapter, build the optimizer and schedule, and
+    restore the last checkpoint on --resume."""
     out = Path(cfg.out)
     device = pick_device(cfg.device) if not dist.is_distributed() else dist.device()
     tokenizer = load_tokenizer(cfg.model)
@@ -244,25 +282,14 @@ def train(cfg: TrainConfig) -> dict:
     start = resume_state(cfg, out, model, optimizer, scheduler, total)
     log = MetricsLog(out, enabled=dist.is_main(), append=start > 0)
     log.truncate(start)
-    if dist.is_main():
-        if start == 0:
-            drop_stale_checkpoints(out)
-        announce(cfg, model, prepared, total, autocast, start)
-        atomic_write_bytes(out / "train_config.yaml", dump(cfg).encode())
-    summary = run_steps(cfg, model, optimizer, scheduler, prepared, ctx, log, start, total, out)
-    if cfg.fsdp or dist.is_main():  # under FSDP every process joins the gather, one writes
-        save_adapter(model, out, write=dist.is_main())
-    if dist.is_main():
-        log.plot(out / "loss.png")
-    dist.barrier()
-    return summary
+    return Run(cfg, model, optimizer, scheduler, prepared, ctx, log, out, start, total)
 
 
 def drop_stale_checkpoints(out: Path):
     """A run from step 0 must not leave an earlier run's checkpoints for a later --resume to pick up."""
     stale = out / "checkpoints"
     if stale.exists():
-        print(f"note: starting from step 0; removing the earlier run's checkpoints in {stale}")
+        logger.info(f"note: starting from step 0; removing the earlier run's checkpoints in {stale}")
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -270,7 +297,7 @@ def resume_state(cfg, out, model, optimizer, scheduler, total: int) -> int:
     """The step to start from: 0, or the last checkpoint's when --resume finds one."""
     latest = find_latest(out) if cfg.resume else None
     if cfg.resume and latest is None and dist.is_main():
-        print(f"--resume: no checkpoint in {out}; starting from step 0")
+        logger.info(f"--resume: no checkpoint in {out}; starting from step 0")
     if latest is None:
         return 0
     step = load_checkpoint(latest, model, optimizer, scheduler)
@@ -278,45 +305,54 @@ def resume_state(cfg, out, model, optimizer, scheduler, total: int) -> int:
         raise LoraError(f"checkpoint {latest} is at step {step} but this run has only {total} steps; "
                         f"raise --max-steps or --epochs to continue it")
     if dist.is_main():
-        print(f"resuming from {latest} (step {step})")
+        logger.info(f"resuming from {latest} (step {step})")
     return step
 
 
-def announce(cfg, model, prepared, total, autocast, start):
-    print(format_report(parameter_report(model)))
-    for note in prepared.notes:
-        print(f"note: {note}")
-    print(f"{prepared.n_examples} examples -> {len(prepared.train_rows)} packed rows of <= {cfg.max_tokens} tokens"
-          f" (+{len(prepared.val_rows)} validation rows); {total} steps of {cfg.batch_size * cfg.grad_accum} rows;"
-          f" compute {autocast or torch.float32}; processes {dist.world_size()}" + (f"; from step {start}" if start else ""))
+def announce(run: Run):
+    cfg, data = run.cfg, run.data
+    logger.info(format_report(parameter_report(run.model)))
+    for note in data.notes:
+        logger.info(f"note: {note}")
+    logger.info(f"{data.n_examples} examples -> {len(data.train_rows)} packed rows of <= {cfg.max_tokens} tokens"
+                f" (+{len(data.val_rows)} validation rows); {run.total} steps of {cfg.batch_size * cfg.grad_accum}"
+                f" rows; compute {run.ctx.autocast or torch.float32}; processes {dist.world_size()}"
+                + (f"; from step {run.start}" if run.start else ""))
 
 
-def run_steps(cfg, model, optimizer, scheduler, prepared, ctx, log, start, total, out) -> dict:
+def run_steps(run: Run) -> dict:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=start, disable=not (cfg.progress and dist.is_main()), unit="step",
+    cfg = run.cfg
+    bar = tqdm(total=run.total, initial=run.start, disable=not (cfg.progress and dist.is_main()), unit="step",
                dynamic_ncols=True)
-    stats = {}
-    for step in range(start, total):
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on inside it)
-        began = time.perf_counter()
-        stats = train_step(model, step_batches(cfg, prepared.train_rows, step), optimizer, scheduler, cfg, ctx)
-        elapsed = time.perf_counter() - began
-        record = {"step": step + 1, "loss": round(stats["loss"], 5), "lr": lr,
-                  "tokens": stats["tokens"], "step_s": round(elapsed, 4),
-                  "tokens_per_s": round(stats["tokens"] / elapsed, 1), "grad_norm": round(stats["grad_norm"], 4),
-                  "peak_memory_mb": peak_memory_mb(ctx.device)}
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
-            record["val_loss"] = validation_loss(model, prepared.val_rows, ctx, cfg.batch_size)
-        if step + 1 == total:
-            record["val_loss"] = validation_loss(model, prepared.val_rows, ctx, cfg.batch_size)
-        log.write(record)
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+    record = {}
+    for step in range(run.start, run.total):
+        record = one_step(run, step)
+        run.log.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total and dist.is_main():
-            save_checkpoint(out, step + 1, model, optimizer, scheduler)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < run.total and dist.is_main():
+            save_checkpoint(run.out, step + 1, run.model, run.optimizer, run.scheduler)
     bar.close()
-    return {"steps": total, "final_loss": stats.get("loss"), "out": str(out), **log.summary()}
+    return {"steps": run.total, "final_loss": record.get("loss"), "out": str(run.out), **run.log.summary()}
+
+
+def one_step(run: Run, step: int) -> dict:
+    """Optimizer step `step` (0-based) and its metrics.jsonl record (validation loss when due)."""
+    lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on inside it)
+    began = time.perf_counter()
+    stats = train_step(run.model, step_batches(run.cfg, run.data.train_rows, step), run.optimizer, run.scheduler,
+                       run.cfg, run.ctx)
+    elapsed = time.perf_counter() - began
+    record = {"step": step + 1, "loss": round(stats["loss"], 5), "lr": lr,
+              "tokens": stats["tokens"], "step_s": round(elapsed, 4),
+              "tokens_per_s": round(stats["tokens"] / elapsed, 1), "grad_norm": round(stats["grad_norm"], 4),
+              "peak_memory_mb": peak_memory_mb(run.ctx.device)}
+    every = run.cfg.eval_every
+    if step + 1 == run.total or (every and (step + 1) % every == 0):
+        record["val_loss"] = validation_loss(run.model, run.data.val_rows, run.ctx, run.cfg.batch_size)
+    return record
 
 
 def cli_train(args) -> int:
