@@ -1,10 +1,11 @@
-"""The command line: parse arguments, call one function, print. Nothing else lives here.
+"""The command line: parse arguments and hand them to one handler. Nothing else lives here.
 
 Results go to stdout (what a command was asked for: a table, a JSON line, generated text);
 progress and status messages from the library's ``logging`` go to stderr, like the progress bars.
 
-Each command has an ``add_<name>`` function that declares its flags and names the function
-that runs it (``loraforge.<module>.<function>(args)``), imported lazily so that
+Each command has an ``add_<name>`` function that declares its flags and names the handler that
+runs it (``loraforge.<module>.cli_<name>(args)``, next to the library code it calls: the handler
+calls the library and prints what it returns), imported lazily so that
 ``loraforge estimate`` does not pay for importing the training or serving stack.
 """
 from __future__ import annotations
@@ -66,6 +67,12 @@ def _inference_flags(p):
     p.add_argument("--quantize", choices=["nf4", "int8"], default=None, help="4-bit / 8-bit base weights")
 
 
+def _output_flags(p, what: str):
+    """--out (required) and --force: what a command that writes a model or file must be told."""
+    p.add_argument("--out", required=True, help=what)
+    p.add_argument("--force", action="store_true", help="overwrite an existing, non-empty --out")
+
+
 def add_train(sub):
     from loraforge.train.config import add_arguments
 
@@ -89,9 +96,8 @@ def add_merge(sub):
     p = sub.add_parser("merge", help="fold an adapter into the base weights: a standalone model")
     _model_flag(p)
     p.add_argument("--adapter", required=True)
-    p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32", help="dtype of the merged weights")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    _output_flags(p, "output directory of the merged model")
     p.set_defaults(func=_run("tools.merge:cli_merge"))
 
 

@@ -1,8 +1,9 @@
 """LoraConfig: the fields of one adapter, their validation, and PEFT's JSON form.
 
 Letters follow the LoRA paper (Hu et al. 2021, eq. 3) and PEFT: h = W x + B A x * scaling with
-A (r x in) and B (out x r). The background text in shared/seed writes them the other way round
-(A: m x r, B: r x n, dW = A B); its A is our B. Only the names differ, not the math.
+A (r x in) and B (out x r). The background notes the project grew from (lora-mechanics.txt)
+write them the other way round (A: m x r, B: r x n, dW = A B); its A is our B. Only the names
+differ, not the math.
 """
 from __future__ import annotations
 

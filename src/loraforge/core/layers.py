@@ -2,9 +2,11 @@
 
 A LoRA layer wraps (never subclasses) its base layer, as PEFT does, so any Linear, a quantized
 one included, can be adapted. Per adapter it holds `lora_A` (r x in), `lora_B` (out x r) and a
-`scaling`; the forward adds `B(A(dropout(x))) * scaling` to the base output (LoRA eq. 3) and never
-builds B @ A. Several named adapters can live on one layer; `row_adapters` routes each row of a
-batch to its own adapter (mixed batches for multi-tenant serving).
+`scaling`; the forward adds `B(A(dropout(x))) * scaling` to the base output (LoRA eq. 3). Plain
+LoRA never builds B @ A in the forward; DoRA does, once per forward, for the row norms of
+W + dW (its eq. 5 needs them). Variants such as DoRA are classes (`LoraVariant`) that override
+the few steps that differ. Several named adapters can live on one layer; `row_adapters` routes
+each row of a batch to its own adapter (mixed batches for multi-tenant serving).
 """
 from __future__ import annotations
 
@@ -142,6 +144,56 @@ class LoraLayer(nn.Module):
         return f"adapters={self.r}, active={self.active_adapters}, merged={self.merged_adapters}"
 
 
+class LoraVariant:
+    """Plain LoRA (Hu et al. 2021): the increment is the low-rank term itself, and merging adds
+    dW. A variant overrides the steps that differ (PEFT's LoraVariant idea); a layer finds an
+    adapter's variant from the parameters it holds (`LoraLinear.variant`)."""
+
+    fusable = True  # the increment may be folded into one addmm (LoraLinear.add_lora)
+
+    def increment(self, layer: "LoraLinear", name: str, h: torch.Tensor, lora: torch.Tensor,
+                  base_out: torch.Tensor) -> torch.Tensor:
+        """What the adapter adds to the base output, given dropout(x) `h` and s·B·A·h `lora`."""
+        return lora
+
+    def merge_increment(self, layer: "LoraLinear", name: str) -> torch.Tensor:
+        return layer.delta_weight(name)
+
+    def unmerge_increment(self, layer: "LoraLinear", name: str) -> torch.Tensor:
+        return -layer.delta_weight(name)
+
+
+class DoraVariant(LoraVariant):
+    """DoRA (Liu et al. 2024): W' = m (W + dW) / ||W + dW|| with a learned magnitude m per output
+    row (`lora_magnitude_vector`) and the norm detached from the graph (sec. 4.3)."""
+
+    fusable = False
+
+    def increment(self, layer, name, h, lora, base_out):
+        """m (W + dW) h / ||W + dW|| (eq. 5) as the increment over the base output W x + b."""
+        scale = layer.lora_magnitude_vector[name] / layer.row_norm(name).detach()  # (out,)
+        if isinstance(layer.lora_dropout[name], nn.Identity):
+            base = base_out - layer.bias_or_zero()  # W x, reused from the base pass
+        else:
+            base = layer.base_matmul(h)
+        return (scale - 1) * base + scale * lora
+
+    def merge_increment(self, layer, name):
+        weight = layer.dense_weight().float()
+        merged = weight + layer.delta_weight(name)
+        norm = merged.norm(p=2, dim=1)
+        layer._merge_norms[name] = norm  # unmerge divides by the same norm
+        return merged * (layer.lora_magnitude_vector[name].float() / norm)[:, None] - weight
+
+    def unmerge_increment(self, layer, name):
+        weight = layer.dense_weight().float()
+        factor = layer.lora_magnitude_vector[name].float() / layer._merge_norms.pop(name)
+        return weight / factor[:, None] - layer.delta_weight(name) - weight
+
+
+PLAIN, DORA = LoraVariant(), DoraVariant()
+
+
 class LoraLinear(LoraLayer):
     """LoRA over nn.Linear (and quantized Linear subclasses): y = W x + B A dropout(x) * s."""
 
@@ -197,6 +249,9 @@ class LoraLinear(LoraLayer):
         if name in self.lora_magnitude_vector:
             self.lora_magnitude_vector[name].data = self.lora_magnitude_vector[name].data.to(weight.device, dtype)
 
+    def variant(self, name: str) -> LoraVariant:
+        return DORA if name in self.lora_magnitude_vector else PLAIN
+
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[name].weight, self.lora_B[name].weight
 
@@ -214,7 +269,7 @@ class LoraLinear(LoraLayer):
         scaling and the addition cost no extra pass over the (tokens x out) output."""
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         autocast = torch.is_autocast_enabled(x.device.type)
-        if name in self.lora_magnitude_vector or (not autocast and result.dtype != A.dtype):
+        if not self.variant(name).fusable or (not autocast and result.dtype != A.dtype):
             return result + self.lora_output(name, x, base)
         h = self.lora_dropout[name](x if autocast else x.to(A.dtype))
         a = F.linear(h, A)  # (..., r)
@@ -228,19 +283,7 @@ class LoraLinear(LoraLayer):
             x = x.to(A.weight.dtype)
         h = self.lora_dropout[name](x)
         lora = B(A(h) * self.scaling[name])  # (..., out); scaling applied to the small (..., r) tensor
-        if name in self.lora_magnitude_vector:
-            return self.dora_output(name, x, h, lora, base_out)
-        return lora.to(base_out.dtype)
-
-    def dora_output(self, name, x, h, lora, base_out):
-        """DoRA (Liu et al. 2024, eq. 5 and sec. 4.3): m * (W + dW) x / ||W + dW||, norm detached.
-        Returned as the increment over the base output W x + b."""
-        scale = self.lora_magnitude_vector[name] / self.row_norm(name).detach()  # (out,)
-        if isinstance(self.lora_dropout[name], nn.Identity):
-            base = base_out - self.bias_or_zero()  # W x, reused from the base pass
-        else:
-            base = self.base_matmul(h)
-        return ((scale - 1) * base + scale * lora).to(base_out.dtype)
+        return self.variant(name).increment(self, name, h, lora, base_out).to(base_out.dtype)
 
     def bias_or_zero(self):
         bias = getattr(self.base_layer, "bias", None)
@@ -250,20 +293,10 @@ class LoraLinear(LoraLayer):
         return F.linear(x, self.dense_weight().to(x.dtype))
 
     def merge_increment(self, name: str) -> torch.Tensor:
-        if name not in self.lora_magnitude_vector:
-            return self.delta_weight(name)
-        weight = self.dense_weight().float()
-        merged = weight + self.delta_weight(name)  # DoRA merge: W' = m (W + dW) / ||W + dW||
-        norm = merged.norm(p=2, dim=1)
-        self._merge_norms[name] = norm
-        return merged * (self.lora_magnitude_vector[name].float() / norm)[:, None] - weight
+        return self.variant(name).merge_increment(self, name)
 
     def unmerge_increment(self, name: str) -> torch.Tensor:
-        if name not in self.lora_magnitude_vector:
-            return -self.delta_weight(name)
-        weight = self.dense_weight().float()
-        factor = self.lora_magnitude_vector[name].float() / self._merge_norms.pop(name)
-        return weight / factor[:, None] - self.delta_weight(name) - weight
+        return self.variant(name).unmerge_increment(self, name)
 
 
 class LoraConv1D(LoraLinear):

@@ -156,9 +156,9 @@ def plot_heatmap(report: dict, path: str | Path) -> Path:
     if grid.size <= 160:  # small grids: print each value in its cell
         for (i, j), value in np.ndenumerate(grid):
             if not np.isnan(value):
-                dark = image.norm(value) > 0.6  # light cells (viridis) get black text
+                light = image.norm(value) > 0.6  # the upper end of viridis is light: black text on it
                 ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=7,
-                        color="black" if dark else "white")
+                        color="black" if light else "white")
     fig.colorbar(image, ax=ax, label="||dW||_F")
     ax.set_xticks(range(len(types)), types, rotation=40, ha="right")
     ax.set_yticks(range(len(layers)), ["-" if x is None else str(x) for x in layers])
