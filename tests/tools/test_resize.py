@@ -110,7 +110,7 @@ def test_errors(tmp_path, kwargs, needle):
 
 def test_refuses_to_overwrite_its_input(tmp_path):
     path = make_adapter(tmp_path / "a")
-    with pytest.raises(LoraError, match="is an input adapter"):
+    with pytest.raises(LoraError, match="is the input"):
         resize_adapter(path, tmp_path / "a" / ".." / "a", rank=2)
 
 

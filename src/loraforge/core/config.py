@@ -45,22 +45,37 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
 
     def __post_init__(self):
-        if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = [str(t) for t in self.target_modules]
-        self.modules_to_save = list(self.modules_to_save or [])
-        self.rank_pattern = dict(self.rank_pattern or {})
-        self.alpha_pattern = dict(self.alpha_pattern or {})
-        errors = self.problems()
+        errors = self.type_problems()
+        if not errors:
+            if isinstance(self.target_modules, tuple):
+                self.target_modules = list(self.target_modules)
+            self.modules_to_save = list(self.modules_to_save or [])
+            self.rank_pattern = dict(self.rank_pattern or {})
+            self.alpha_pattern = dict(self.alpha_pattern or {})
+            errors = self.problems()
         if errors:
             raise LoraError("invalid LoraConfig: " + "; ".join(errors))
+
+    def type_problems(self) -> list[str]:
+        """Fields of the wrong kind (a file may hold anything): names are a string or a list of
+        strings, patterns are mappings."""
+        errors = [f"{name} must be a string or a list of strings, got {_kind(getattr(self, name))}"
+                  for name in ("target_modules", "exclude_modules", "modules_to_save")
+                  if not _names_ok(getattr(self, name), allow_str=name != "modules_to_save")]
+        errors += [f"{name} must be a mapping of pattern: value, got {_kind(getattr(self, name))}"
+                   for name in ("rank_pattern", "alpha_pattern")
+                   if not isinstance(getattr(self, name) or {}, dict)]
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            errors.append(f"base_model_name_or_path must be a string, got {_kind(self.base_model_name_or_path)}")
+        return errors
 
     def problems(self) -> list[str]:
         """Every problem with the fields, collected (not just the first)."""
         errors = []
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             errors.append(f"r must be a positive integer, got {self.r!r}")
-        if not _is_number(self.alpha) or not self.alpha > 0:  # `not > 0` also rejects NaN
-            errors.append(f"alpha must be > 0, got {self.alpha!r}")
+        if not _is_number(self.alpha) or not 0 < self.alpha < math.inf:  # the comparison also rejects NaN
+            errors.append(f"alpha {_positive_finite(self.alpha)}")
         if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
             errors.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
@@ -71,8 +86,8 @@ class LoraConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 errors.append(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
         for key, value in self.alpha_pattern.items():
-            if not _is_number(value) or not value > 0:
-                errors.append(f"alpha_pattern[{key!r}] must be > 0, got {value!r}")
+            if not _is_number(value) or not 0 < value < math.inf:
+                errors.append(f"alpha_pattern[{key!r}] {_positive_finite(value)}")
         for pattern in [*self.rank_pattern, *self.alpha_pattern]:
             try:
                 re.compile(pattern)
@@ -185,6 +200,23 @@ def exact_patterns(values: dict[str, float], default: float) -> dict[str, float]
     regex that matches it alone (PEFT matches pattern keys as regexes ending the module name),
     for every module whose value differs from `default`."""
     return {re.escape(m): v for m, v in sorted(values.items()) if v != default}
+
+
+def _names_ok(value, allow_str: bool = True) -> bool:
+    if value is None or (allow_str and isinstance(value, str)):
+        return True
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+
+def _kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(type(value), type(value).__name__)
+
+
+def _positive_finite(value) -> str:
+    """The complaint about a value that should be a finite number > 0."""
+    if _is_number(value) and value <= 0:
+        return f"must be > 0, got {value!r}"
+    return f"must be > 0 and finite, got {value!r}"
 
 
 def _is_number(value) -> bool:

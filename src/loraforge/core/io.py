@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from loraforge import LoraError
+from loraforge import LoraError, one_line
 from loraforge.core.config import LoraConfig, exact_patterns
 from loraforge.core.layers import LoraConv1D, LoraEmbedding, LoraLayer
 from loraforge.core.ops import (ModulesToSave, _matrix_shape, adaptable_modules, attach, find_targets, lora_layers,
@@ -86,6 +86,17 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None):
     atomic_write_files({Path(path): lambda tmp: _save_safetensors_to(tmp, tensors, metadata)})
+
+
+def check_apart(out: str | os.PathLike, inputs: list, flag: str = "--out"):
+    """Refuse an output that is, contains or lies inside one of the inputs: writing it would
+    destroy what is being read (with --force or not)."""
+    target = Path(out).resolve()
+    for source in inputs:
+        src = Path(source).resolve()
+        if target == src or src.is_relative_to(target) or target.is_relative_to(src):
+            relation = "is" if target == src else "contains" if src.is_relative_to(target) else "lies inside"
+            raise LoraError(f"{flag} {out} {relation} the input {source}; write the result somewhere else")
 
 
 # --- model -> tensors ---------------------------------------------------------------------------
@@ -198,16 +209,28 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
         raise LoraError(f"{path} has no {CONFIG_NAME}")
     try:
         data = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LoraError(f"{config_file}: not valid JSON ({err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise LoraError(f"{config_file}: not valid JSON ({one_line(err)})") from None
+    except OSError as err:
+        raise LoraError(f"{config_file}: cannot be read ({err.strerror or one_line(err)})") from None
     if not isinstance(data, dict):
         raise LoraError(f"{config_file}: expected a JSON object")
     config = LoraConfig.from_peft(data, where=str(config_file))
     try:
         tensors = load_file(weights_file)
     except (SafetensorError, OSError, ValueError) as err:
-        raise LoraError(f"{weights_file}: not a readable safetensors file ({err})") from None
+        raise LoraError(f"{weights_file}: not a readable safetensors file ({one_line(err)})") from None
+    check_finite(tensors, weights_file)
     return config, tensors
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str | os.PathLike):
+    """Refuse weights holding NaN or infinity (a diverged run): they would silently poison every
+    output of the model they are loaded into."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
+            raise LoraError(f"{where}: tensor {key} holds {bad} values; refusing a broken adapter")
 
 
 def group_by_module(tensors: dict[str, torch.Tensor], where: str) -> dict[str, dict[str, torch.Tensor]]:

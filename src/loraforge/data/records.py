@@ -64,6 +64,8 @@ def _parse_line(raw: str, where: str) -> dict:
         obj = json.loads(raw)
     except json.JSONDecodeError as err:
         raise LoraError(f"{where}: not valid JSON: {err.msg} (column {err.colno})") from None
+    except RecursionError:
+        raise LoraError(f"{where}: JSON nested too deeply to read") from None
     if not isinstance(obj, dict):
         raise LoraError(f"{where}: expected a JSON object, got {_kind(obj)}")
     return obj
@@ -103,6 +105,16 @@ def _need_str(record: dict, key: str, where: str, optional: bool = False) -> str
         raise LoraError(f"{where}: missing {key!r}")
     if not isinstance(value, str):
         raise LoraError(f"{where}: {key!r} must be a string, got {_kind(value)}")
+    return _valid_text(value, where, repr(key))
+
+
+def _valid_text(value: str, where: str, what: str) -> str:
+    """JSON may spell lone UTF-16 surrogates (\\ud800) that no tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise LoraError(f"{where}: {what} holds an unpaired surrogate (\\u{ord(value[err.start]):04x}) at "
+                        f"character {err.start}: not valid Unicode text") from None
     return value
 
 
@@ -114,7 +126,7 @@ def _check_message(msg: Any, i: int, where: str) -> dict[str, str]:
         raise LoraError(f"{where}: messages[{i}] has role {role!r}; expected system, user or assistant")
     if not isinstance(content, str):
         raise LoraError(f"{where}: messages[{i}] 'content' must be a string, got {_kind(content)}")
-    return {"role": role, "content": content}
+    return {"role": role, "content": _valid_text(content, where, f"messages[{i}] 'content'")}
 
 
 def _parse_chat(record: dict, where: str) -> Example:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from loraforge import LoraError, one_line
+from loraforge.core.io import PICKLE_SUFFIXES
 from loraforge.models.device import pick_device, pick_dtype
 from loraforge.models.embedded import DEFAULT_MODEL, ensure_default_model
 
@@ -28,12 +29,23 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise LoraError(f"model directory '{name}' has no config.json (not a transformers model)")
+        refuse_pickle_weights(path)
         return str(path)
     if path.exists():
         raise LoraError(f"model '{name}' is a file; pass a model directory (with config.json) or a hub id")
     if _looks_like_path(name):
         raise LoraError(f"model directory '{name}' does not exist")
     return _download_from_hub(name)
+
+
+def refuse_pickle_weights(path: Path):
+    """Loading a file never runs code: weights only as safetensors, never pickle (.bin, .pt, ...)."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise LoraError(f"refusing to load {path / pickles[0]}: pickle files can run code; "
+                        f"convert the model to safetensors (model.save_pretrained(dir, safe_serialization=True))")
 
 
 def _looks_like_path(name: str) -> bool:
@@ -80,7 +92,7 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: str | tor
 
     hf_logging.disable_progress_bar()  # a local load takes a second: no "Loading weights" bar
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise LoraError(f"cannot load model '{name_or_path}' from {path}: {one_line(err)}") from None
     finally:

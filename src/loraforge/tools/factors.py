@@ -15,7 +15,7 @@ import torch
 
 from loraforge import LoraError
 from loraforge.core.config import LoraConfig, exact_patterns, lora_scaling
-from loraforge.core.io import CONFIG_NAME, WEIGHTS_NAME, group_by_module, read_adapter
+from loraforge.core.io import CONFIG_NAME, WEIGHTS_NAME, check_apart, group_by_module, read_adapter
 
 
 @dataclass
@@ -112,9 +112,7 @@ def with_ranks(raw: dict, ranks: dict[str, int], **changes) -> dict:
 
 
 def check_out(out: str | Path, sources: list[Path]):
-    target = Path(out).resolve()
-    if any(target == Path(s).resolve() for s in sources):
-        raise LoraError(f"--out {out} is an input adapter; write the result to another directory")
+    check_apart(out, sources)
 
 
 

@@ -13,9 +13,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from loraforge import LoraError
+from loraforge import LoraError, one_line
 from loraforge.core.io import atomic_save_safetensors, atomic_write_bytes
 from loraforge.core.ops import adapter_params
 
@@ -81,8 +82,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
     try:
         meta = json.loads((path / "state.json").read_text())
         tensors = load_file(path / "state.safetensors")
-    except (OSError, ValueError) as err:
-        raise LoraError(f"checkpoint {path} is unreadable ({err}); delete it to start over") from None
+    except (OSError, ValueError, SafetensorError) as err:
+        raise LoraError(f"checkpoint {path} is unreadable ({one_line(err)}); delete it to start over") from None
     params = adapter_params(model)
     missing = [k for k in params if f"adapter.{k}" not in tensors]
     if missing:

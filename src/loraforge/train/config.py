@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import argparse
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -74,7 +75,8 @@ class TrainConfig:
     progress: bool = setting(True, "progress bar", flag="--no-progress")
 
     def problems(self) -> list[str]:
-        errors = []
+        errors = [f"{f.name} must be a finite number, got {getattr(self, f.name)}" for f in fields(self)
+                  if f.type == "float" and not math.isfinite(getattr(self, f.name))]
         for name in ("rank", "batch_size", "grad_accum", "max_tokens", "max_len", "nproc"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -155,12 +155,23 @@ def train_step(model, micro_batches, optimizer, scheduler, cfg, ctx) -> dict:
     if not ctx.fsdp:  # FSDP2 reduce-scatters (averages) gradients itself; grad_factor undoes the mean
         dist.all_reduce_grads(ctx.params)
     grad_norm = torch.nn.utils.clip_grad_norm_(ctx.params, cfg.max_grad_norm)
+    loss = dist.all_sum(float(loss_total)) / max(n_tokens, 1)
+    if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+        raise NonFiniteStep(loss, float(grad_norm))  # before the update: the adapter stays as it was
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     seen = dist.all_sum(sum(int(b["input_ids"].numel()) for b in batches))
-    return {"loss": dist.all_sum(float(loss_total)) / max(n_tokens, 1), "tokens": seen,
+    return {"loss": loss, "tokens": seen,
             "answer_tokens": n_tokens, "grad_norm": float(grad_norm)}
+
+
+class NonFiniteStep(Exception):
+    """A step whose loss or gradient norm is NaN or infinite; raised before the optimizer moves."""
+
+    def __init__(self, loss: float, grad_norm: float):
+        super().__init__(f"loss {loss}, gradient norm {grad_norm}")
+        self.loss, self.grad_norm = loss, grad_norm
 
 
 def validation_loss(model, rows, ctx, batch_size: int) -> float | None:
@@ -244,8 +255,14 @@ class Run:
 def train(cfg: TrainConfig) -> dict:
     """Train an adapter as `cfg` says; writes cfg.out. Returns a summary dict."""
     dist.init()
-    preflight(cfg)
-    run = setup(cfg)
+    created = not Path(cfg.out).exists() if cfg.out else False
+    try:
+        preflight(cfg)
+        run = setup(cfg)
+    except BaseException:
+        if created and dist.is_main():  # a run that failed before it began leaves no empty directory
+            _remove_if_empty(Path(cfg.out))
+        raise
     if dist.is_main():
         if run.start == 0:
             drop_stale_checkpoints(run.out)
@@ -258,6 +275,13 @@ def train(cfg: TrainConfig) -> dict:
         run.log.plot(run.out / "loss.png")
     dist.barrier()
     return summary
+
+
+def _remove_if_empty(path: Path):
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # not empty (or already gone): keep what is there
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -342,8 +366,11 @@ def one_step(run: Run, step: int) -> dict:
     """Optimizer step `step` (0-based) and its metrics.jsonl record (validation loss when due)."""
     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on inside it)
     began = time.perf_counter()
-    stats = train_step(run.model, step_batches(run.cfg, run.data.train_rows, step), run.optimizer, run.scheduler,
-                       run.cfg, run.ctx)
+    try:
+        stats = train_step(run.model, step_batches(run.cfg, run.data.train_rows, step), run.optimizer,
+                           run.scheduler, run.cfg, run.ctx)
+    except NonFiniteStep as bad:
+        raise LoraError(stopped_at(run, step + 1, bad)) from None
     elapsed = time.perf_counter() - began
     record = {"step": step + 1, "loss": round(stats["loss"], 5), "lr": lr,
               "tokens": stats["tokens"], "step_s": round(elapsed, 4),
@@ -353,6 +380,16 @@ def one_step(run: Run, step: int) -> dict:
     if step + 1 == run.total or (every and (step + 1) % every == 0):
         record["val_loss"] = validation_loss(run.model, run.data.val_rows, run.ctx, run.cfg.batch_size)
     return record
+
+
+def stopped_at(run: Run, step: int, bad: NonFiniteStep) -> str:
+    """The one-line report of a run stopped by a non-finite step: what, where, what was kept."""
+    what = "loss" if not math.isfinite(bad.loss) else "gradient norm"
+    latest = find_latest(run.out)
+    kept = (f"the last good checkpoint is {latest} (continue with --resume, e.g. with a lower --lr)" if latest
+            else "no adapter was written (no checkpoint was due yet)")
+    return f"step {step}: the {what} is {bad.loss if what == 'loss' else bad.grad_norm}; training stopped before " \
+           f"that update; {kept}"
 
 
 def cli_train(args) -> int:
