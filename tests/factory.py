@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+import transformers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 VOCAB = 128  # embedding size of the token-id models (tiny_llama() / tiny_gpt2())
@@ -125,3 +126,41 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 1, std: float = 0.2) 
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+# --- the architecture matrix -----------------------------------------------------------------------
+WINDOW = 8  # sliding window of the windowed models: shorter than the test rows
+_DECODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=128)
+_MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+ARCHITECTURES = {  # name: (config class, config kwargs, model class)
+    "llama": ("LlamaConfig", {}, "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", {"sliding_window": WINDOW}, "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", {}, "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}, "Qwen3ForCausalLM"),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": WINDOW, "attn_implementation": "eager"},
+               "Gemma2ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": WINDOW}, "Gemma3ForCausalLM"),
+    "phi3": ("Phi3Config", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}, "Phi3ForCausalLM"),
+    "gpt2": ("GPT2Config", None, "GPT2LMHeadModel"),
+    "gpt_neox": ("GPTNeoXConfig", {}, "GPTNeoXForCausalLM"),
+    "opt": ("OPTConfig", None, "OPTForCausalLM"),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}, "MixtralForCausalLM"),
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, **_MOE, "shared_expert_intermediate_size": 64},
+                  "Qwen2MoeForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 16, "num_experts": 4, **_MOE}, "Qwen3MoeForCausalLM"),
+}
+_OWN_KWARGS = {  # the architectures whose config names differ from the Llama family's
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128, bos_token_id=0, eos_token_id=0),
+    "opt": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, vocab_size=VOCAB,
+                max_position_embeddings=128, word_embed_proj_dim=64, bos_token_id=0, eos_token_id=2, pad_token_id=1),
+}
+
+
+def tiny_arch(name: str, seed: int = 0) -> torch.nn.Module:
+    """A seeded random 2-layer model (hidden 64) of one of ARCHITECTURES, in eval mode."""
+    config_cls, extra, model_cls = ARCHITECTURES[name]
+    kwargs = _OWN_KWARGS[name] if extra is None else {**_DECODER, **extra}
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**kwargs)
+    return getattr(transformers, model_cls)(config).eval()

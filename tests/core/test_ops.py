@@ -433,11 +433,17 @@ def test_targets_matching_nothing_lists_modules(llama):
         assert name in message
 
 
-def test_rank_above_smaller_side(llama):
-    with pytest.raises(LoraError, match=r"r=40 exceeds the smaller side of model\.layers\.0\.self_attn\.k_proj "
-                                        r"\(32 x 64\)"):
+def test_rank_above_smaller_side_is_allowed_with_a_warning_as_in_peft(llama, ids, caplog):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    with caplog.at_level("WARNING", logger="loraforge"):
         attach(llama, LoraConfig(r=40, target_modules=["k_proj", "q_proj"]))
-    assert loraforge_modules(llama) == []
+    assert "r=40 exceeds the smaller side of model.layers.0.self_attn.k_proj (32 x 64) and 1 more" in caplog.text
+    peft = get_peft_model(tiny_llama(), PeftLoraConfig(r=40, lora_alpha=16, target_modules=["k_proj", "q_proj"]))
+    assert sum(p.numel() for p in peft.parameters() if p.requires_grad) == parameter_report(llama)["trainable_params"]
+    with pytest.raises(LoraError, match="PiSSA takes r singular vectors"):
+        attach(tiny_llama(), LoraConfig(r=40, target_modules=["k_proj"], init="pissa"))
 
 
 def test_duplicate_and_bad_adapter_names(llama):

@@ -137,8 +137,7 @@ def test_errors(tmp_path):
         estimate(str(tmp_path))
     with pytest.raises(LoraError, match="r must be a positive integer"):
         estimate("smollm2-135m", 0)
-    with pytest.raises(LoraError, match="exceeds the smaller side"):
-        estimate("smollm2-135m", 1000)
+    assert "exceeds the smaller side" in estimate("smollm2-135m", 1000)["notes"][0]  # allowed, as in PEFT
     with pytest.raises(LoraError, match="match no adaptable module"):
         estimate("smollm2-135m", 8, "qkv_nope")
     with pytest.raises(LoraError, match="unknown optimizer"):

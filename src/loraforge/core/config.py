@@ -16,12 +16,14 @@ from loraforge import LoraError
 # Module-name suffixes behind the target presets. `all-linear` is not a list: it takes every
 # Linear / Conv1D layer except the output head (see model.find_targets).
 PRESETS: dict[str, tuple[str, ...]] = {
-    "attention": ("q_proj", "k_proj", "v_proj", "o_proj",  # Llama, Mistral, Qwen, SmolLM
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj",  # Llama, Mistral, Qwen, Gemma, OPT, SmolLM
                   "attn.c_attn", "attn.c_proj",  # GPT-2 (Conv1D)
-                  "query_key_value", "qkv_proj", "Wqkv", "out_proj"),
+                  "query_key_value", "attention.dense",  # GPT-NeoX (fused q/k/v, then its output)
+                  "qkv_proj", "Wqkv", "out_proj"),  # Phi-3 and others with a fused q/k/v
     "mlp": ("gate_proj", "up_proj", "down_proj",  # Llama family
+            "gate_up_proj",  # Phi-3 (fused gate/up)
             "mlp.c_fc", "mlp.c_proj",  # GPT-2
-            "fc1", "fc2", "dense_h_to_4h", "dense_4h_to_h"),
+            "fc1", "fc2", "dense_h_to_4h", "dense_4h_to_h"),  # OPT, GPT-NeoX
 }
 ALL_LINEAR = "all-linear"
 INITS = ("default", "gaussian", "pissa")

@@ -6,6 +6,7 @@ wrapper model class. Adapter settings live in `model.lora_configs` ({name: LoraC
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from collections import Counter
 from contextlib import contextmanager
@@ -18,6 +19,8 @@ from loraforge import LoraError
 from loraforge.core.config import ALL_LINEAR, LoraConfig, exact_patterns, name_matches
 from loraforge.core.layers import LoraEmbedding, LoraLayer, lora_layer_type
 from loraforge.core.lowrank import concat_factors, truncated_factors
+
+logger = logging.getLogger(__name__)
 
 
 # --- finding targets ------------------------------------------------------------------------
@@ -79,15 +82,22 @@ def summarize_names(modules) -> str:
     return ", ".join(f"{k} (x{len(v)}, e.g. {v[0]})" if len(v) > 1 else v[0] for k, v in groups.items())
 
 
-def check_ranks(config: LoraConfig, targets: dict[str, nn.Module]) -> list[str]:
-    """A rank above min(in, out) cannot be a low-rank update of that layer."""
-    problems = []
+def rank_notes(config: LoraConfig, targets: dict[str, nn.Module]) -> list[str]:
+    """Targets smaller than the rank (a 64 -> 1 gate, say). PEFT adapts them anyway, and so do we:
+    the update simply has rank at most the smaller side. PiSSA, which needs r singular vectors,
+    cannot (see check_support)."""
+    notes = []
     for name, module in targets.items():
         out_f, in_f = _matrix_shape(module)
         r = config.rank_for(name)
         if r > min(in_f, out_f):
-            problems.append(f"r={r} exceeds the smaller side of {name} ({out_f} x {in_f})")
-    return problems
+            notes.append(f"r={r} exceeds the smaller side of {name} ({out_f} x {in_f})")
+    return notes
+
+
+def summarize_rank_notes(notes: list[str]) -> str:
+    more = f" and {len(notes) - 1} more" if len(notes) > 1 else ""
+    return f"{notes[0]}{more}: such an update has rank at most that side (PEFT adapts these layers too)"
 
 
 def _matrix_shape(module: nn.Module) -> tuple[int, int]:
@@ -137,9 +147,14 @@ def attach(model: nn.Module, config: LoraConfig, name: str = "default", activate
     if name in getattr(model, "lora_configs", {}):
         raise LoraError(f"model already has an adapter named {name!r}")
     targets = find_targets(model, config)
-    problems = check_ranks(config, targets) + check_support(config, targets) + check_saved_modules(model, config)
+    notes = rank_notes(config, targets)
+    problems = check_support(config, targets) + check_saved_modules(model, config)
+    if config.init == "pissa":
+        problems += [f"{note}: PiSSA takes r singular vectors from the weight" for note in notes]
     if problems:
         raise LoraError("; ".join(problems))
+    if notes:
+        logger.warning(summarize_rank_notes(notes))
     for module_name, module in targets.items():
         layer = module if isinstance(module, LoraLayer) else _wrap(model, module_name, module)
         layer.add_adapter(name, config.rank_for(module_name), config.alpha_for(module_name), config.dropout,

@@ -24,7 +24,7 @@ import torch
 from loraforge import LoraError
 from loraforge.data.records import IGNORE_INDEX, Example, Pair
 
-__all__ = ["EncodedSet", "answer_text", "batches", "block_causal_mask", "collate", "count_answer_tokens", "encode_example", "encode_examples", "n_trained", "one_per_row", "pack", "prompt_text", "train_val_split"]
+__all__ = ["EncodedSet", "answer_text", "batches", "block_causal_mask", "collate", "has_windows", "count_answer_tokens", "encode_example", "encode_examples", "n_trained", "one_per_row", "pack", "prompt_text", "train_val_split"]
 
 # ----------------------------------------------------------------------------- encoding
 
@@ -208,12 +208,25 @@ def block_causal_mask(seq_lens: list[int], length: int) -> torch.Tensor:
     return same & torch.ones(length, length, dtype=torch.bool).tril()
 
 
-def collate(rows: list[dict[str, list[int]]], pad_id: int,
-            mask_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Pad rows to one length; returns model(**batch) inputs with a 4D additive mask.
+def has_windows(config) -> bool:
+    """Whether some attention layer of a model sees only a window of keys (Mistral, Gemma 2/3 and
+    other hybrid local/global models): then one 4D mask cannot be right for every layer."""
+    kinds = getattr(config, "layer_types", None) or []
+    if any(kind != "full_attention" for kind in kinds):
+        return True
+    return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) \
+        and not kinds
 
-    input_ids, labels (padding -100), position_ids: (B, T); attention_mask: (B, 1, T, T) with 0
-    where attention is allowed and the dtype's minimum elsewhere.
+
+def collate(rows: list[dict[str, list[int]]], pad_id: int, mask_dtype: torch.dtype = torch.float32,
+            windows: bool = False) -> dict[str, torch.Tensor]:
+    """Pad rows to one length; returns model(**batch) inputs.
+
+    input_ids, labels (padding -100), position_ids: (B, T), positions restarting at 0 for each
+    packed example. Full-attention models get attention_mask (B, 1, T, T), additive: 0 where
+    attention is allowed, the dtype's minimum elsewhere. Models with windowed layers
+    (``windows=True``, see has_windows) get no mask: transformers then finds the packed examples
+    from the restarting position ids and builds each layer's own mask, window included.
     """
     if not rows:
         raise LoraError("collate needs at least one row")
@@ -222,10 +235,13 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int,
     def padded(key: str, value: int) -> torch.Tensor:
         return torch.tensor([r[key] + [value] * (T - len(r[key])) for r in rows], dtype=torch.long)
 
-    allowed = torch.stack([block_causal_mask(r["seq_lens"], T) for r in rows])[:, None]  # (B, 1, T, T)
-    mask = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill_(~allowed, torch.finfo(mask_dtype).min)
-    return {"input_ids": padded("input_ids", pad_id), "labels": padded("labels", IGNORE_INDEX),
-            "position_ids": padded("position_ids", 0), "attention_mask": mask}
+    batch = {"input_ids": padded("input_ids", pad_id), "labels": padded("labels", IGNORE_INDEX),
+             "position_ids": padded("position_ids", 0)}  # a pad at position 0 is an example of its own
+    if not windows:
+        allowed = torch.stack([block_causal_mask(r["seq_lens"], T) for r in rows])[:, None]  # (B, 1, T, T)
+        batch["attention_mask"] = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill_(
+            ~allowed, torch.finfo(mask_dtype).min)
+    return batch
 
 
 def count_answer_tokens(labels: torch.Tensor) -> int:

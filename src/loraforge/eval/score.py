@@ -17,7 +17,7 @@ def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
     where = labels != D.IGNORE_INDEX
     backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                       position_ids=batch["position_ids"], use_cache=False).last_hidden_state
     picked = hidden[:, :-1][where]  # (n_answer_tokens, hidden)
     logits = model.get_output_embeddings()(picked).float()  # (n, vocab)
@@ -31,8 +31,10 @@ def rows_loss(model, rows: list[dict], pad_id: int, batch_size: int = 8,
     param = next(model.parameters())
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(param.device) for k, v in D.collate(rows[start:start + batch_size], pad_id).items()}
-        batch["attention_mask"] = batch["attention_mask"].to(autocast or param.dtype)
+        rows_here = D.collate(rows[start:start + batch_size], pad_id, windows=D.has_windows(model.config))
+        batch = {k: v.to(param.device) for k, v in rows_here.items()}
+        if "attention_mask" in batch:
+            batch["attention_mask"] = batch["attention_mask"].to(autocast or param.dtype)
         with torch.autocast(param.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             total += float(answer_loss_sum(model, batch))
         count += D.count_answer_tokens(batch["labels"])

@@ -16,7 +16,7 @@ from torch import nn
 
 from loraforge import LoraError, format_bytes, one_line
 from loraforge.core.config import ALL_LINEAR, LoraConfig, parse_targets
-from loraforge.core.ops import _matrix_shape, check_ranks, find_targets, output_head_names
+from loraforge.core.ops import _matrix_shape, find_targets, output_head_names, rank_notes, summarize_rank_notes
 from loraforge.models import DTYPES
 
 # --- shape presets ------------------------------------------------------------------------------
@@ -239,9 +239,7 @@ def estimate(model: str = "smollm2-135m", rank: int = 8, targets: str | list[str
     hf_config = load_model_config(model)
     net = meta_model(hf_config)
     chosen = find_targets(net, config)
-    problems = check_ranks(config, chosen)
-    if problems:
-        raise LoraError(f"--rank {rank}: " + "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""))
+    notes = rank_notes(config, chosen)
     per_type = lora_params(config, chosen)
     trainable, base = sum(per_type.values()), unique_params(net)
     base_bytes, quantized = base_weight_bytes(net, base_elem, quantize)
@@ -257,6 +255,7 @@ def estimate(model: str = "smollm2-135m", rank: int = 8, targets: str | list[str
         "optimizer_bytes": trainable * state_elem,
         "full_finetune": full_finetune_bytes(base, base_elem, optimizer),
         "not_counted": ACTIVATIONS_NOTE,
+        "notes": [summarize_rank_notes(notes)] if notes else [],
     }
     result["total_training_bytes"] = (base_bytes + result["adapter_weight_bytes"] + result["gradient_bytes"]
                                       + result["optimizer_bytes"])
@@ -316,6 +315,7 @@ def format_estimate(r: dict) -> str:
     lines.append(f"full fine-tuning: {full['accounting']}"
                  + ("; quantized weights cannot be trained, so it uses --dtype" if s["quantize"] else ""))
     lines.append(f"not counted: {r['not_counted']}")
+    lines += [f"note: {note}" for note in r["notes"]]
     if "memory" in r:
         lines.append(_verdict_line("LoRA", r["total_training_bytes"], r["memory"]))
         lines.append(_verdict_line("full fine-tuning", full["total_training_bytes"], full["memory"]))

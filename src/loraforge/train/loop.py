@@ -136,14 +136,15 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 # --- the step ----------------------------------------------------------------------------------
 def to_device(batch: dict, device: torch.device, mask_dtype: torch.dtype) -> dict:
     out = {k: v.to(device) for k, v in batch.items()}
-    out["attention_mask"] = out["attention_mask"].to(mask_dtype)
+    if "attention_mask" in out:
+        out["attention_mask"] = out["attention_mask"].to(mask_dtype)
     return out
 
 
 def train_step(model, micro_batches, optimizer, scheduler, cfg, ctx) -> dict:
     """One optimizer step over this process's share of the micro-batches."""
     shards = [dist.shard(mb) for mb in micro_batches]
-    batches = [D.collate(s, ctx.pad_id) for s in shards if s]
+    batches = [D.collate(s, ctx.pad_id, windows=ctx.windows) for s in shards if s]
     n_tokens = dist.all_sum(sum(D.count_answer_tokens(b["labels"]) for b in batches))
     loss_total = torch.zeros((), device=ctx.device)
     for batch in batches:
@@ -193,7 +194,8 @@ class Context:
     pad_id: int
     params: list[torch.nn.Parameter]
     fsdp: bool = False
-    grad_factor: int = 1  # FSDP averages gradients over processes; scaling the loss restores the sum
+    grad_factor: int = 1
+    windows: bool = False  # windowed attention layers: packing by position ids (data.collate)  # FSDP averages gradients over processes; scaling the loss restores the sum
 
 
 def check_output_dir(out: Path, need_bytes: int):
@@ -298,7 +300,7 @@ def setup(cfg: TrainConfig) -> Run:
     check_output_everywhere(out, need_bytes=sum(p.numel() * 4 for p in params) * 6 + (1 << 20))
     autocast = compute_dtype(effective_precision(cfg, device))
     ctx = Context(device, autocast, autocast or torch.float32, tokenizer.pad_token_id, params, cfg.fsdp,
-                  dist.world_size() if cfg.fsdp else 1)
+                  dist.world_size() if cfg.fsdp else 1, D.has_windows(model.config))
     optimizer = build_optimizer(model, cfg)
     total = total_steps(cfg, len(prepared.train_rows))
     warmup = int(cfg.warmup_ratio * total)
