@@ -254,8 +254,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     modules = group_by_module(tensors, str(path))
     if not modules:
         raise LoraError(f"{path}/{WEIGHTS_NAME} holds no LoRA weights (keys like {PREFIX}<module>.lora_A.weight)")
-    config = _ranks_from_tensors(config, modules)
-    _check_fits(model, config, modules, tensors, path)
+    config = ranks_from_tensors(config, modules)
+    check_fits(model, config, modules, tensors, path)
     attach(model, config, name, activate=activate)
     _copy_weights(model, name, modules, tensors)
     if not trainable:
@@ -264,7 +264,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     return config
 
 
-def _ranks_from_tensors(config: LoraConfig, modules: dict) -> LoraConfig:
+def ranks_from_tensors(config: LoraConfig, modules: dict) -> LoraConfig:
     """Trust the stored shapes for per-module ranks; targets are exactly the stored modules."""
     targets = sorted(modules)
     ranks = {m: (t.get("lora_A", t.get("lora_embedding_A"))).shape[0] for m, t in modules.items()}
@@ -274,7 +274,7 @@ def _ranks_from_tensors(config: LoraConfig, modules: dict) -> LoraConfig:
                          "exclude_modules": None})
 
 
-def _check_fits(model: nn.Module, config: LoraConfig, modules: dict, tensors: dict, path) -> None:
+def check_fits(model: nn.Module, config: LoraConfig, modules: dict, tensors: dict, path) -> None:
     available = adaptable_modules(model)
     for module_name, parts in modules.items():
         if module_name not in available:

@@ -84,7 +84,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     packed = [n for n, p in model.named_parameters() if not p.is_floating_point()]
     if packed:
         raise LoraError(f"GGUF file {gguf_path} did not dequantize fully (e.g. {packed[0]})")
-    model.config.tie_word_embeddings = _weights_tied(model)
+    model.config.tie_word_embeddings = weights_tied(model)
     if not tokenizer.chat_template:
         raise LoraError(f"GGUF file {gguf_path} has no chat template (tokenizer.chat_template)")
     if tokenizer.model_max_length > model.config.max_position_embeddings:  # GGUF leaves it "infinite"
@@ -105,7 +105,8 @@ def _dequantize_kwargs(gguf_name: str) -> dict:
     return {"quantization_config": GgufConfig(gguf_file=gguf_name, dequantize=True)}
 
 
-def _weights_tied(model: "PreTrainedModel") -> bool:
+def weights_tied(model: "PreTrainedModel") -> bool:
+    """Whether the output head shares the input embedding's weight (a tied head)."""
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
     return out is not None and out.weight.data_ptr() == inp.weight.data_ptr()
 
