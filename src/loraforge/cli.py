@@ -67,6 +67,12 @@ def _inference_flags(p):
     p.add_argument("--quantize", choices=["nf4", "int8"], default=None, help="4-bit / 8-bit base weights")
 
 
+def _base_weights_flag(p):
+    p.add_argument("--base-weights", dest="base_weights", default="auto", choices=["auto", "original", "dequantized"],
+                   help="merge into the original float weights, or into the dequantized 4-/8-bit weights an adapter "
+                        "was trained over (auto: dequantized when its train_config.yaml records --quantize)")
+
+
 def _output_flags(p, what: str):
     """--out (required) and --force: what a command that writes a model or file must be told."""
     p.add_argument("--out", required=True, help=what)
@@ -97,6 +103,7 @@ def add_merge(sub):
     _model_flag(p)
     p.add_argument("--adapter", required=True)
     p.add_argument("--dtype", default="float32", help="dtype of the merged weights")
+    _base_weights_flag(p)
     _output_flags(p, "output directory of the merged model")
     p.set_defaults(func=_run("tools.merge:cli_merge"))
 
@@ -199,6 +206,7 @@ def add_export(sub):
     p.add_argument("--merged", action="store_true", help="fold the adapter into the base: one standalone model")
     p.add_argument("--dtype", default="f32", help="f32 | f16 | bf16 | q8_0 (q8_0: model files only)")
     p.add_argument("--ollama", action="store_true", help="also write a Modelfile next to --out")
+    _base_weights_flag(p)
     p.add_argument("--base-gguf", dest="base_gguf", default=None,
                    help="with --ollama and an adapter: the base GGUF to name in FROM (default: export it)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")

@@ -36,6 +36,7 @@ import torch
 from loraforge import LoraError, format_bytes
 from loraforge.core.io import check_apart
 from loraforge.models.embedded import weights_tied
+from loraforge.tools.merge import describe_merge
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 ADAPTER_DTYPES = ("f32", "f16", "bf16")
@@ -411,22 +412,21 @@ def model_tensors(model, info: BaseInfo, tied: bool):
 
 
 
-def load_merged(model: str, adapter: str | Path | None, info: BaseInfo):
-    """The base model (float32), with the adapter merged in when given, and its tokenizer."""
-    from loraforge.core.ops import merge_and_unload
-    from loraforge.models.loading import load_for_inference
+def load_merged(model: str, adapter: str | Path | None, info: BaseInfo, base_weights: str = "auto"):
+    """The base model (float32), with the adapter merged in when given (onto the weights it was
+    trained over: tools.merge.merged_model), its tokenizer, and the merge report (or None)."""
+    from loraforge.models.loading import load_model, load_tokenizer
+    from loraforge.tools.merge import merged_model
 
-    if adapter is not None:
-        config, modules, tensors = read_lora(adapter)
-        refuse_inexpressible(config, modules, tensors, adapter, info, merged=True)
-    hf_model, tokenizer = load_for_inference(model, str(adapter) if adapter else None, dtype="float32")
-    if adapter is not None:
-        hf_model = merge_and_unload(hf_model)
-    return hf_model, tokenizer
+    if adapter is None:
+        return load_model(model, dtype="float32", device="cpu"), load_tokenizer(model), None
+    config, modules, tensors = read_lora(adapter)
+    refuse_inexpressible(config, modules, tensors, adapter, info, merged=True)
+    return merged_model(model, adapter, base_weights)
 
 
 def export_model(model: str, out: str | Path, adapter: str | Path | None = None, dtype: str = "f32",
-                 force: bool = False) -> dict:
+                 force: bool = False, base_weights: str = "auto") -> dict:
     """Write ``model`` (with ``adapter`` merged in, when given) as one standalone GGUF."""
     import gguf
 
@@ -436,7 +436,7 @@ def export_model(model: str, out: str | Path, adapter: str | Path | None = None,
     info = base_info(model)
     out = check_out(out, force, (adapter, info.path))
     rope_theta(info.config)  # refuse unsupported RoPE scaling before loading weights
-    hf_model, tokenizer = load_merged(model, adapter, info)
+    hf_model, tokenizer, merge_report = load_merged(model, adapter, info, base_weights)
     tied = weights_tied(hf_model)
     writer = gguf.GGUFWriter(None, info.arch_name)
     writer.add_type(gguf.GGUFType.MODEL)
@@ -450,7 +450,7 @@ def export_model(model: str, out: str | Path, adapter: str | Path | None = None,
         count += 1
     size = write_atomic(writer, out)
     return {"kind": "merged" if adapter else "base", "path": str(out), "arch": info.arch_name, "dtype": dtype,
-            "bytes": size, "tensors": count, "tied": tied, "model": model}
+            "bytes": size, "tensors": count, "tied": tied, "model": model, "merge": merge_report}
 
 
 # --- Ollama Modelfile -------------------------------------------------------------------------
@@ -520,14 +520,15 @@ def default_base_path(out: Path) -> Path:
 
 def export_gguf(out: str | Path, model: str, adapter: str | Path | None = None, merged: bool = False,
                 dtype: str = "f32", ollama: bool = False, force: bool = False,
-                base_gguf: str | Path | None = None) -> dict:
+                base_gguf: str | Path | None = None, base_weights: str = "auto") -> dict:
     """The ``export`` command as a function: writes the file(s), returns what was written and the
     llama.cpp / Ollama commands that use them."""
     out = Path(out)
     preflight(out, adapter, merged, ollama, force, base_gguf)
     if adapter is None or merged:
-        result = export_model(model, out, adapter if merged else None, dtype, force)
-        result.update(files=[result["path"]], commands=[f"llama-cli -m {out}"], notes=[])
+        result = export_model(model, out, adapter if merged else None, dtype, force, base_weights)
+        notes = [describe_merge(result["merge"])] if result["merge"] else []
+        result.update(files=[result["path"]], commands=[f"llama-cli -m {out}"], notes=notes)
         model_file, adapter_file = out, None
     else:
         result, model_file = adapter_with_base(out, model, adapter, dtype, ollama, force, base_gguf)
@@ -592,7 +593,7 @@ def relative_to(file: Path, folder: Path) -> str:
 
 def cli_export(args) -> int:
     result = export_gguf(args.out, args.model, args.adapter, args.merged, args.dtype, args.ollama, args.force,
-                         args.base_gguf)
+                         args.base_gguf, args.base_weights)
     print(f"{result['kind']} GGUF ({result['arch']}, {result['dtype']}, {result['tensors']} tensors, "
           f"{format_bytes(result['bytes'])}) written to {result['path']}")
     for path in result["files"][1:]:

@@ -95,7 +95,8 @@ def compute_dtype(precision: str) -> torch.dtype | None:
     return None if precision == "fp32" else torch.bfloat16
 
 
-def build_model(cfg: TrainConfig, device: torch.device):
+def load_base(cfg: TrainConfig, device: torch.device):
+    """The frozen base as this run trains over it: in its storage dtype, quantized for QLoRA."""
     precision = effective_precision(cfg, device)  # QLoRA keeps the unquantized rest in bf16 too
     base_dtype = "bfloat16" if precision == "bf16-base" or (cfg.quantize and precision == "bf16") else "float32"
     model = load_model(cfg.model, dtype=base_dtype, device=str(device))
@@ -103,6 +104,11 @@ def build_model(cfg: TrainConfig, device: torch.device):
         from loraforge.core.quant import quantize_model
 
         quantize_model(model, cfg.quantize)
+    return model
+
+
+def build_model(cfg: TrainConfig, device: torch.device):
+    model = load_base(cfg, device)
     model.config.use_cache = False
     torch.manual_seed(cfg.seed)
     attach(model, lora_config(cfg))
