@@ -59,9 +59,20 @@ def run_demo(out: Path, model_name: str, n_train: int, n_test: int, task: str, m
     after = score(model, tokenizer, test, "with adapter")
     results = {"task": task, "n_train": n_train, "n_test": len(test), "base": before, "adapter": after,
                "train_seconds": train_seconds, "train": summary,
-               "merge_max_abs_diff": merge_check(model, tokenizer, test[0])}
+               "merge_max_abs_diff": merge_check(model, tokenizer, test[0]),
+               "gguf": export_for_llama_cpp(out, model_name)}
     atomic_write_json(out / "demo_results.json", results)
     return results
+
+
+def export_for_llama_cpp(out: Path, model_name: str) -> dict:
+    """The demo adapter as GGUF beside an f16 base GGUF and an Ollama Modelfile (out/gguf/)."""
+    from loraforge.tools.export import export_gguf
+
+    began = time.perf_counter()
+    result = export_gguf(out / "gguf" / "demo.gguf", model_name, out / "adapter", dtype="f16", ollama=True,
+                         force=True)
+    return {**result, "seconds": round(time.perf_counter() - began, 1)}
 
 
 def table(results: dict) -> str:
@@ -84,6 +95,12 @@ def cli_demo(args) -> int:
     results = run_demo(Path(args.out), args.model, args.n_train, args.n_test, args.task, args.max_steps)
     print()
     print(table(results))
+    gguf = results["gguf"]
+    print(f"\nexported for llama.cpp / Ollama in {gguf['seconds']} s: {', '.join(gguf['files'])}")
+    for note in gguf["notes"]:
+        print(f"note: {note}")
+    for command in gguf["commands"]:
+        print(f"  {command}")
     print(f"demo finished in {time.perf_counter() - began:.0f} s; files in {args.out}")
     return 0
 
