@@ -299,7 +299,7 @@ def test_generate_is_batched_greedy_and_returns_only_new_text(tiny):
     assert batched == single  # left padding does not change greedy answers
     assert batched == generate.generate_text(model, tokenizer, prompts, max_new_tokens=6)  # deterministic
     for text in batched:
-        assert "</s>" not in text and "<unk>" not in text and text == text.strip()
+        assert "</s>" not in text and "<unk>" not in text
         assert len(text.split()) <= 6
     assert generate.generate_text(model, tokenizer, []) == []
 
@@ -373,3 +373,16 @@ def test_cached_dir_loads_with_plain_transformers(smollm):
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.inference_mode():
         assert torch.allclose(plain(ids).logits, model(ids).logits, atol=1e-4)
+
+
+def test_generated_text_is_decoded_by_the_one_rule_nothing_stripped(tiny):
+    """generate, eval and serve share models.generate.completion_text: special tokens dropped, a
+    leading space kept (serve streams it; stripping only the non-streamed text would disagree)."""
+    model, tokenizer = tiny
+    ids = tokenizer(["hello world"], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    new = out[0, ids["input_ids"].shape[1]:].tolist()
+    expected = tokenizer.decode(new, skip_special_tokens=True)
+    assert generate.generate_text(model, tokenizer, ["hello world"], max_new_tokens=6) == [expected]
+    assert generate.completion_text(tokenizer, [tokenizer.eos_token_id] + new) == expected

@@ -15,7 +15,7 @@ def generate_text(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase"
                   max_new_tokens: int = 64, chat: bool = False, temperature: float = 0.0) -> list[str]:
     """Complete each prompt (batched, left padded); greedy unless temperature > 0.
 
-    Returns only the new text, without special tokens. ``chat=True`` wraps each prompt as a
+    Returns only the new text (``completion_text``). ``chat=True`` wraps each prompt as a
     user message with the tokenizer's chat template and the assistant generation prompt.
     """
     if not prompts:
@@ -43,7 +43,14 @@ def generate_text(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase"
         tokenizer.padding_side = side
         model.train(was_training)
     new_tokens = out[:, batch["input_ids"].shape[1]:]
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return [completion_text(tokenizer, ids) for ids in new_tokens.tolist()]
+
+
+def completion_text(tokenizer: "PreTrainedTokenizerBase", new_ids: list[int]) -> str:
+    """The one rule from generated token ids to text, for generate, eval and serve: decode with
+    special tokens (eos, padding) dropped, nothing stripped: a leading space the model generated
+    is part of its answer, as in the OpenAI API. Comparisons (exact match) strip on their own."""
+    return tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
 def _prompt_texts(tokenizer: "PreTrainedTokenizerBase", prompts: list[str], chat: bool) -> list[str]:
