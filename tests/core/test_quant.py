@@ -273,3 +273,41 @@ def test_train_eval_generate_with_quantize_nf4(tmp_path, capsys):
     assert result["n"] == 4 and result["loss"] > 0
     assert main(["generate", "--model", str(model_dir), "--adapter", str(out), "--prompt", "Rewrite the date",
                  "--max-tokens", "4", "--quantize", "nf4"]) == 0
+
+
+def test_gpt2_conv1d_layers_quantize_train_and_load_back_on_the_float_model(tmp_path):
+    """GPT-2's Conv1D (a transposed Linear) becomes a 4-bit Linear; LoRA over it equals LoRA over
+    the dequantized weights, trains, and the adapter loads on the float GPT-2 (its Conv1D)."""
+    from factory import tiny_gpt2
+
+    from loraforge.core.layers import LoraConv1D
+
+    float_model = tiny_gpt2()
+    model = quantize_model(tiny_gpt2(), "nf4")
+    assert sum(is_quantized(m) for m in model.modules()) == 8  # c_attn, c_proj, c_fc, mlp.c_proj x 2 layers
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        drift = (model(input_ids=ids).logits - float_model(input_ids=ids).logits).abs().max()
+    assert 0 < drift < 1.0  # NF4 error only
+    attach(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    optimizer = torch.optim.AdamW(adapter_params(model).values(), lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(4):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    save_adapter(model.eval(), tmp_path / "a")
+    load_adapter(float_model, tmp_path / "a")
+    layer = float_model.get_submodule("transformer.h.0.attn.c_attn")
+    assert isinstance(layer, LoraConv1D)  # on the float model, the same factors over its Conv1D
+    trained = model.get_submodule("transformer.h.0.attn.c_attn")
+    torch.testing.assert_close(layer.delta_weight("default"), trained.delta_weight("default"))
+    dequantized = dequantize_model(quantize_model(tiny_gpt2(), "nf4"))  # float Linear, NF4's values
+    load_adapter(dequantized, tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(dequantized(input_ids=ids).logits, model(input_ids=ids).logits,
+                                   atol=1e-4, rtol=1e-4)

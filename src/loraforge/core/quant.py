@@ -59,14 +59,31 @@ def _int8_cast_notice(record: logging.LogRecord) -> bool:
 
 
 # --- which layers --------------------------------------------------------------------------------
-def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """The Linear layers `quantize_model` replaces, by dotted name: every float nn.Linear except
-    the output head(s). In a decoder-only LM these are exactly the decoder blocks' projections."""
+def quantizable_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """The Linear layers `quantize_model` replaces, by dotted name: every float nn.Linear (and
+    transformers' Conv1D, GPT-2's transposed Linear) except the output head(s). In a decoder-only
+    LM these are exactly the decoder blocks' projections."""
+    from loraforge.core.layers import Conv1D
     from loraforge.core.ops import output_head_names
 
+    kinds = (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)
     heads = output_head_names(model)
     return {name: module for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name not in heads and not is_quantized(module)}
+            if isinstance(module, kinds) and name not in heads and not is_quantized(module)}
+
+
+def as_linear(module: nn.Module) -> nn.Linear:
+    """An nn.Linear computing what `module` does: itself, or a Conv1D's weight (in x out)
+    transposed to (out x in), the bias shared. bitsandbytes quantizes Linear layers only."""
+    if isinstance(module, nn.Linear):
+        return module
+    in_features, out_features = module.weight.shape
+    linear = nn.Linear(in_features, out_features, bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(module.weight.detach().T.contiguous(), requires_grad=False)
+    if module.bias is not None:
+        linear.bias = module.bias
+    linear.train(module.training)
+    return linear
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -146,12 +163,13 @@ def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: torch.d
     before, linear_before = weight_bytes(model), _linear_bytes(targets.values())
     release = _Release(model)
     for name in list(targets):
-        linear = targets.pop(name)  # hold no reference: each float weight is freed once replaced
+        original = targets.pop(name)  # hold no reference: each float weight is freed once replaced
         with torch.no_grad():
+            linear = as_linear(original)
             layer = to_nf4(linear, compute_dtype, blocksize) if method == "nf4" else to_int8(linear)
         _set_submodule(model, name, layer)
-        release.release(linear.weight)
-        del linear
+        release.release(original.weight)
+        del linear, original
         release.trim(every=TRIM_EVERY)
     release.trim()
     linear_after = _linear_bytes(m for m in model.modules() if is_quantized(m))
