@@ -257,3 +257,9 @@ def test_tools_never_write_inside_their_input(tmp_path, capsys, adapter, command
     argv = ["resize", mine, "--rank", 1] if command == "resize" else ["combine", mine, adapter]
     assert "lies inside the input" in fails(capsys, *argv, "--out", mine / "sub")
     assert (mine / WEIGHTS_NAME).read_bytes() == before and not (mine / "sub").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_serve_refuses_a_body_limit_below_one_byte(capsys, model_dir, value):
+    line = fails(capsys, "serve", "--model", model_dir, "--max-body-bytes", value)
+    assert "--max-body-bytes must be at least 1" in line

@@ -189,6 +189,8 @@ def add_serve(sub):
                    help="directory from which /v1/load_lora_adapter may load adapters (repeatable)")
     p.add_argument("--served-model-name", dest="served_model_name", default=None,
                    help="the base model's name in the API (default: --model)")
+    p.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, default=8 * 2**20,
+                   help="refuse request bodies larger than this many bytes with 413 (default 8 MiB)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--shutdown-timeout", dest="shutdown_timeout", type=float, default=30.0,

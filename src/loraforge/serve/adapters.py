@@ -4,11 +4,17 @@
 An adapter name is a plain name: letters, digits, '.', '_' and '-', no '..', no separators.
 A name that is not plain is refused before any file system access. Adapters come from the
 subdirectories of the served directory, or are registered at run time from a path under one
-of the allowed roots (symlinks and '..' resolved first).
+of the allowed roots (symlinks and '..' resolved first). Every file read must itself resolve
+inside the adapters directory or an allowed root: a symlinked file pointing elsewhere is refused.
+An adapter is checked before it is served: its config parses, its weights fit the base model
+and hold only finite values. Error messages name files and tensors, never quote file contents.
 """
 from __future__ import annotations
 
 import json
+import logging
+import math
+import os
 import re
 import threading
 from collections import Counter, OrderedDict
@@ -18,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loraforge import LoraError
+from loraforge import LoraError, one_line
 from loraforge.core.config import LoraConfig
 from loraforge.core.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from loraforge.core.layers import LoraEmbedding, LoraLayer
@@ -28,6 +34,8 @@ from loraforge.serve.metrics import ServeMetrics
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,127}")
 SCRATCH = "serve-loading"  # the name an adapter has on the model while its factors are read
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
+log = logging.getLogger("loraforge.serve")
 
 
 class BadAdapterName(LoraError):
@@ -36,6 +44,10 @@ class BadAdapterName(LoraError):
 
 class AdapterNotFound(LoraError):
     """404: no adapter of that name."""
+
+
+class BadAdapterPath(BadAdapterName):
+    """400: a runtime lora_path that cannot be used (not resolvable, no adapter in it)."""
 
 
 class AdapterForbidden(LoraError):
@@ -48,8 +60,15 @@ class AdapterLoadFailed(LoraError):
 
 def check_name(name: object) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
-        raise BadAdapterName(f"{name!r} is not a plain adapter name (letters, digits, '.', '_', '-'; no paths)")
+        raise BadAdapterName(f"{shown(name)} is not a plain adapter name (letters, digits, '.', '_', '-'; "
+                             f"at most 128 characters; no paths)")
     return name
+
+
+def shown(value: object, limit: int = 64) -> str:
+    """`value` as an error message may quote it: repr (escapes control characters), cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -102,22 +121,49 @@ class AdapterRegistry:
             return name in self.runtime
 
     def register(self, name: str, path: str) -> Path:
-        """Add a runtime adapter from `path`, which must resolve under an allowed root."""
+        """Add a runtime adapter from `path`, which must resolve under an allowed root, with
+        every adapter file inside it too."""
         check_name(name)
-        if not isinstance(path, str) or not path:
-            raise BadAdapterName("lora_path must be a non-empty string")
-        resolved = Path(path).expanduser().resolve()
+        if not isinstance(path, str) or not path or "\x00" in path:
+            raise BadAdapterPath("lora_path must be a non-empty string without NUL bytes")
+        try:
+            resolved = Path(path).expanduser().resolve()
+            is_dir = is_adapter_dir(resolved)
+        except (OSError, RuntimeError) as err:  # too long, a symlink loop...
+            raise BadAdapterPath(f"lora_path {shown(path)} cannot be resolved ({type(err).__name__})") from None
         if not any(_inside(resolved, root) for root in self.allowed):
-            raise AdapterForbidden(f"lora_path {path} is outside the allowed roots (start the server with "
+            raise AdapterForbidden(f"lora_path {shown(path)} is outside the allowed roots (start the server with "
                                    f"--allow-root to permit a directory)")
-        if not is_adapter_dir(resolved):
-            raise BadAdapterName(f"lora_path {path} holds no adapter ({CONFIG_NAME} + {WEIGHTS_NAME})")
+        if not is_dir:
+            raise BadAdapterPath(f"lora_path {shown(path)} holds no adapter ({CONFIG_NAME} + {WEIGHTS_NAME})")
+        self.confine(resolved)
         taken = set(self.available())
         with self.lock:
             if name in self.runtime or name in taken:
                 raise BadAdapterName(f"an adapter named '{name}' is already being served")
             self.runtime[name] = resolved
         return resolved
+
+    def confine(self, directory: Path):
+        """AdapterForbidden when one of the adapter files in `directory` resolves (through a
+        symlink) outside the adapters directory and the allowed roots."""
+        roots = [r for r in (self.root, *self.allowed) if r is not None]
+        for file_name in ADAPTER_FILES:
+            resolved = (directory / file_name).resolve()
+            if not any(_inside(resolved, root) for root in roots):
+                raise AdapterForbidden(f"{directory.name}/{file_name} resolves outside the adapters directory "
+                                       f"and the allowed roots; refusing to read it")
+
+    def stamp(self, directory: Path) -> tuple:
+        """What identifies the current content of an adapter's files (changes when they are rewritten)."""
+        stamp = [str(directory)]
+        for file_name in ADAPTER_FILES:
+            try:
+                info = os.stat(directory / file_name)
+                stamp.append((info.st_ino, info.st_size, info.st_mtime_ns))
+            except OSError:
+                stamp.append(None)
+        return tuple(stamp)
 
     def unregister(self, name: str):
         check_name(name)
@@ -134,7 +180,7 @@ class AdapterRegistry:
 @dataclass
 class Loaded:
     slot: int
-    path: Path
+    stamp: tuple  # AdapterRegistry.stamp of the files it was read from
     rank: int
 
 
@@ -155,8 +201,9 @@ class AdapterCache:
         """Pin adapter `name` and return its slot, loading it if needed; None when every slot
         is pinned (try again later). Raises AdapterNotFound / AdapterLoadFailed."""
         path = self.registry.path_of(name)
+        stamp = self.registry.stamp(path)
         entry = self.loaded.get(name)
-        if entry is not None and entry.path != path:  # re-registered elsewhere: reload when free
+        if entry is not None and entry.stamp != stamp:  # re-registered or rewritten: reload when free
             if self.pins[name]:
                 return None
             self.evict(name)
@@ -165,7 +212,7 @@ class AdapterCache:
             slot = self._free_slot()
             if slot is None:
                 return None
-            entry = self._load(name, path, slot)
+            entry = self._load(name, path, stamp, slot)
         self.loaded.move_to_end(name)
         self.retired.discard(name)
         self.pins[name] += 1
@@ -206,16 +253,25 @@ class AdapterCache:
                 return slot
         return None
 
-    def _load(self, name: str, path: Path, slot: int) -> Loaded:
+    def check(self, name: str):
+        """Read and check adapter `name` without giving it a slot (AdapterLoadFailed)."""
+        self._read(name, self.registry.path_of(name))
+
+    def _read(self, name: str, path: Path) -> dict:
         try:
-            factors = read_factors(self.model, path)
+            self.registry.confine(path)
+            return read_factors(self.model, path)
         except LoraError as err:
-            raise AdapterLoadFailed(f"adapter '{name}' cannot be loaded: {err}") from None
+            raise AdapterLoadFailed(f"adapter '{name}' cannot be loaded: {one_line(err, 400)}") from None
         except Exception as err:  # noqa: BLE001 - a broken file must fail its own requests only
-            raise AdapterLoadFailed(f"adapter '{name}' cannot be loaded: {type(err).__name__}: {err}") from None
+            log.warning("adapter %r cannot be loaded", name, exc_info=err)
+            raise AdapterLoadFailed(f"adapter '{name}' cannot be loaded ({type(err).__name__})") from None
+
+    def _load(self, name: str, path: Path, stamp: tuple, slot: int) -> Loaded:
+        factors = self._read(name, path)
         self.kernel.set_slot(slot, factors)
         self.loads += 1
-        entry = Loaded(slot, path, max((A.shape[0] for A, _, _ in factors.values()), default=0))
+        entry = Loaded(slot, stamp, max((A.shape[0] for A, _, _ in factors.values()), default=0))
         self.loaded[name] = entry
         self.metrics.adapter_loads.inc()
         self.metrics.loaded_adapters.set(len(self.loaded))
@@ -225,12 +281,17 @@ class AdapterCache:
 def peek_config(path: Path) -> LoraConfig:
     """The adapter's config, refusing what the batched kernel cannot serve unmerged."""
     try:
-        data = json.loads((path / CONFIG_NAME).read_text())
-    except (OSError, ValueError) as err:
-        raise LoraError(f"{path / CONFIG_NAME}: not valid JSON ({err})") from None
+        data = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
+        raise LoraError(f"{CONFIG_NAME}: not readable UTF-8 JSON ({type(err).__name__})") from None
     if not isinstance(data, dict):
-        raise LoraError(f"{path / CONFIG_NAME}: expected a JSON object")
-    config = LoraConfig.from_peft(data, where=str(path / CONFIG_NAME))
+        raise LoraError(f"{CONFIG_NAME}: expected a JSON object")
+    try:
+        config = LoraConfig.from_peft(data, where=CONFIG_NAME)
+    except (LoraError, TypeError, ValueError) as err:  # its messages may quote the file: keep them in the log
+        log.warning("%s: %s", path / CONFIG_NAME, one_line(err, 300))
+        raise LoraError(f"{CONFIG_NAME} is not a LoRA config this server can use "
+                        f"(loraforge/PEFT format, peft_type LORA)") from None
     if config.use_dora:
         raise LoraError("DoRA adapters are not served unmerged; serve it alone with --merge")
     if config.modules_to_save:
@@ -253,7 +314,19 @@ def read_factors(model: nn.Module, path: Path) -> dict[LoraLayer, tuple[torch.Te
             if isinstance(layer, LoraEmbedding):
                 raise LoraError(f"LoRA on embeddings ({module_name}) is not served unmerged; use --merge")
             A, B = layer.factors(SCRATCH)
-            factors[layer] = (A.detach().clone(), B.detach().clone(), layer.scaling[SCRATCH])
+            scaling = layer.scaling[SCRATCH]
+            check_finite(module_name, A, B, scaling)
+            factors[layer] = (A.detach().clone(), B.detach().clone(), scaling)
         return factors
     finally:
         delete_adapter(model, SCRATCH)
+
+
+def check_finite(module_name: str, A: torch.Tensor, B: torch.Tensor, scaling: float):
+    """Refuse factors holding NaN or infinity (a diverged run), also after scaling: they would
+    turn every output of the adapter into garbage."""
+    if not math.isfinite(scaling):
+        raise LoraError(f"{module_name}: the scaling (lora_alpha / r) is not finite")
+    for label, tensor in (("lora_A", A), ("lora_B", B), ("lora_B x scaling", B * scaling)):
+        if not bool(torch.isfinite(tensor).all()):
+            raise LoraError(f"tensor {module_name}.{label} holds NaN or infinite values; refusing a broken adapter")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from contextlib import asynccontextmanager
+import logging
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -19,15 +20,22 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from loraforge import LoraError
+from loraforge import LoraError, one_line
 from loraforge.serve import protocol as P
 from loraforge.serve.adapters import (AdapterForbidden, AdapterLoadFailed, AdapterNotFound, AdapterRegistry,
-                                      BadAdapterName)
-from loraforge.serve.engine import Engine, Event, GenerationRequest, QueueFull, SamplingParams, Sequence
+                                      BadAdapterName, BadAdapterPath, check_name)
+from loraforge.serve.engine import (Engine, Event, GenerationFailed, GenerationRequest, QueueFull, SamplingParams,
+                                    Sequence)
+
+log = logging.getLogger("loraforge.serve")
+DEFAULT_MAX_BODY_BYTES = 8 * 2 ** 20
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 429: "rate_limit_error",
-               500: "server_error", 503: "service_unavailable"}
+               413: "invalid_request_error", 500: "server_error", 503: "service_unavailable"}
+
+
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
 class ApiError(Exception):
@@ -51,6 +59,10 @@ def as_api_error(err: LoraError) -> ApiError:
         return ApiError(429, str(err), "queue_full")
     if isinstance(err, AdapterLoadFailed):
         return ApiError(400, str(err), "adapter_load_failed", "model")
+    if isinstance(err, GenerationFailed):
+        return ApiError(500, str(err), "generation_failed")
+    if isinstance(err, BadAdapterPath):
+        return ApiError(400, str(err), "invalid_lora_path", "lora_path")
     if isinstance(err, BadAdapterName):
         return ApiError(400, str(err), "invalid_model", "model")
     return ApiError(400, str(err))
@@ -65,6 +77,19 @@ class ServeState:
     base_name: str  # the name clients use for the base model (or for the merged model)
     base_root: str  # where the base model came from (/v1/models `root`)
     merged: bool = False  # an adapter is folded into the base: only base_name is served
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies are refused (413) unread
+
+    def __post_init__(self):
+        self.max_prompt_chars = self.engine.context * longest_token(self.engine.tokenizer)
+
+
+def longest_token(tokenizer) -> int:
+    """Characters of the longest vocabulary entry: a text longer than context x this cannot
+    fit the context, so it is refused without tokenizing it."""
+    try:
+        return max(1, max(len(piece) for piece in tokenizer.get_vocab()))
+    except (AttributeError, NotImplementedError, TypeError, ValueError):
+        return 64
 
 
 # --- events from the engine thread --------------------------------------------------------------
@@ -135,6 +160,71 @@ class ApiKeyMiddleware:
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
 
 
+class BodyLimitMiddleware:
+    """413 for a request body over `limit` bytes, never holding more than `limit` bytes of it.
+    The body is read here and replayed to the app. The rest of a body found too long (by its
+    Content-Length or once it passes the limit) is read and dropped, up to DRAIN_FACTOR x limit,
+    so that the client, still sending, can read the 413 (closing on unread data resets the
+    connection); a longer one is answered at once."""
+
+    DRAIN_FACTOR = 4
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            if declared.isdigit() and int(declared) <= self.DRAIN_FACTOR * self.limit:
+                await self._drain(receive, 0)
+            await self._refuse(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                if more:
+                    await self._drain(receive, size)
+                await self._refuse(scope, receive, send)
+                return
+        await self.app(scope, _replay(b"".join(chunks), receive), send)
+
+    async def _drain(self, receive, size: int):
+        """Read and drop the rest of the body, up to DRAIN_FACTOR x limit bytes in all."""
+        while size <= self.DRAIN_FACTOR * self.limit:
+            message = await receive()
+            size += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+
+    async def _refuse(self, scope, receive, send):
+        response = error_response(413, f"the request body exceeds {self.limit} bytes", "request_too_large")
+        response.headers["connection"] = "close"
+        await response(scope, receive, send)
+
+
+def _replay(body: bytes, receive):
+    """An ASGI receive that returns `body` first, then whatever the connection sends (disconnect)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 # --- the app ------------------------------------------------------------------------------------
 def create_app(state: ServeState, api_key: str | None = None) -> FastAPI:
     @asynccontextmanager
@@ -146,7 +236,8 @@ def create_app(state: ServeState, api_key: str | None = None) -> FastAPI:
 
     app = FastAPI(title="loraforge serve", lifespan=lifespan)
     app.state.serve = state
-    if api_key:
+    app.add_middleware(BodyLimitMiddleware, limit=state.max_body_bytes)
+    if api_key:  # added last: runs first, so that a request without the key is refused unread
         app.add_middleware(ApiKeyMiddleware, key=api_key)
     _add_error_handlers(app)
     _add_info_routes(app, state)
@@ -171,7 +262,15 @@ def _add_error_handlers(app: FastAPI):
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, err: StarletteHTTPException):
-        return error_response(err.status_code, str(err.detail))
+        if err.status_code == 400 and "parsing the body" in str(err.detail):  # FastAPI's json.loads failed
+            return error_response(400, "the request body is not valid JSON (UTF-8)", "invalid_json")
+        return error_response(err.status_code, str(err.detail), HTTP_CODES.get(err.status_code))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception):
+        log.error("unexpected error in %s %s: %s", request.method, request.url.path, type(err).__name__,
+                  exc_info=err)
+        return error_response(500, "internal server error; the server log has the details", "internal_error")
 
 
 def describe_validation(errors: list[dict]) -> tuple[str, str, str | None]:
@@ -179,6 +278,9 @@ def describe_validation(errors: list[dict]) -> tuple[str, str, str | None]:
     first = errors[0] if errors else {"msg": "invalid request body", "loc": ()}
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", "invalid_json", None
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, P.FieldError):
+        return str(cause), "invalid_request", cause.param
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     param = loc[0] if loc else None
     where = ".".join(loc) or "body"
@@ -207,14 +309,15 @@ def _add_info_routes(app: FastAPI, state: ServeState):
 
 # --- generation -----------------------------------------------------------------------------------
 def _add_generation_routes(app: FastAPI, state: ServeState):
+    # Tokenizing runs in a worker thread: a long prompt never stalls the event loop.
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request):
-        prompt = completion_prompt(state, body.prompt)
+        prompt = await asyncio.to_thread(completion_prompt, state, body.prompt)
         return await generate(state, request, body, prompt, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: P.ChatRequest, request: Request):
-        prompt = chat_prompt(state, body.messages)
+        prompt = await asyncio.to_thread(chat_prompt, state, body.messages)
         return await generate(state, request, body, prompt, chat=True)
 
 
@@ -224,7 +327,9 @@ def completion_prompt(state: ServeState, prompt) -> list[int]:
             raise ApiError(400, "only one prompt per request is supported", "invalid_prompt", "prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
+        check_prompt_chars(state, len(prompt), "prompt")
         return state.engine.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    check_prompt_tokens(state, len(prompt))
     vocab = state.engine.model.config.vocab_size
     if any(not 0 <= t < vocab for t in prompt):
         raise ApiError(400, f"prompt token ids must be in [0, {vocab})", "invalid_prompt", "prompt")
@@ -236,11 +341,27 @@ def chat_prompt(state: ServeState, messages: list[P.ChatMessage]) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", "no_chat_template")
     turns = [{"role": m.role, "content": m.text()} for m in messages]
+    check_prompt_chars(state, sum(len(t["content"]) + len(t["role"]) for t in turns), "messages")
     try:
         text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
     except Exception as err:  # noqa: BLE001 - template errors (e.g. unsupported roles) are the client's
-        raise ApiError(400, f"cannot apply the chat template: {err}", "invalid_messages", "messages") from None
+        raise ApiError(400, f"cannot apply the chat template: {one_line(err)}", "invalid_messages",
+                       "messages") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def check_prompt_chars(state: ServeState, chars: int, param: str):
+    """Refuse, before tokenizing, a text too long to fit the context whatever its tokens."""
+    if chars > state.max_prompt_chars:
+        raise ApiError(400, f"this model's maximum context length is {state.engine.context} tokens, and a prompt "
+                            f"of {chars} characters cannot fit it", "context_length_exceeded", param)
+
+
+def check_prompt_tokens(state: ServeState, n_prompt: int):
+    context = state.engine.context
+    if n_prompt >= context:
+        raise ApiError(400, f"this model's maximum context length is {context} tokens, but the prompt has "
+                            f"{n_prompt} tokens", "context_length_exceeded", "prompt")
 
 
 def resolve_model(state: ServeState, name: str) -> str | None:
@@ -260,9 +381,7 @@ def sampling_params(state: ServeState, body: P._Sampling, n_prompt: int, chat: b
     context = state.engine.context
     if n_prompt == 0:
         raise ApiError(400, "the prompt is empty", "invalid_prompt", "prompt")
-    if n_prompt >= context:
-        raise ApiError(400, f"this model's maximum context length is {context} tokens, but the prompt has "
-                            f"{n_prompt} tokens", "context_length_exceeded", "prompt")
+    check_prompt_tokens(state, n_prompt)
     max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
     if max_tokens is None:
         max_tokens = context - n_prompt if chat else min(16, context - n_prompt)
@@ -307,7 +426,8 @@ async def first_event(request: Request, stream: EventStream, engine: Engine, seq
     event = await next_event(request, stream, engine, seq)
     if event.kind == "error":
         err = event.error
-        raise as_api_error(err) if isinstance(err, LoraError) else ApiError(500, str(err))
+        raise as_api_error(err) if isinstance(err, LoraError) else ApiError(500, "generation failed",
+                                                                            "generation_failed")
     return event
 
 
@@ -317,7 +437,9 @@ async def collect(request, stream, engine, seq, event: Event) -> tuple[str, Even
         parts.append(event.text)
         event = await next_event(request, stream, engine, seq)
     if event.kind == "error":
-        raise ApiError(500, str(event.error), "generation_failed")
+        err = event.error
+        raise as_api_error(err) if isinstance(err, LoraError) else ApiError(500, "generation failed",
+                                                                            "generation_failed")
     return "".join(parts), event
 
 
@@ -363,20 +485,34 @@ def _add_adapter_routes(app: FastAPI, state: ServeState):
     @app.post("/v1/load_lora_adapter")
     async def load_lora(body: P.LoadLoraRequest):
         _check_runtime_adapters(state, body.lora_name)
-        await asyncio.to_thread(state.registry.register, body.lora_name, body.lora_path)
-        try:  # load it now, so that a broken adapter is refused here rather than on first use
-            await asyncio.wrap_future(state.engine.call(lambda: preload(state.engine, body.lora_name)))
-        except LoraError:
-            state.registry.unregister(body.lora_name)
-            raise
+        with adapter_route_errors():
+            await asyncio.to_thread(state.registry.register, body.lora_name, body.lora_path)
+            try:  # read and check it now: a broken adapter is refused here, not on its first request
+                await asyncio.wrap_future(state.engine.call(lambda: preload(state.engine, body.lora_name)))
+            except BaseException:
+                state.registry.unregister(body.lora_name)
+                raise
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora(body: P.UnloadLoraRequest):
         _check_runtime_adapters(state, body.lora_name)
-        await asyncio.to_thread(state.registry.unregister, body.lora_name)
+        with adapter_route_errors():
+            await asyncio.to_thread(state.registry.unregister, body.lora_name)
         await asyncio.wrap_future(state.engine.call(lambda: state.engine.adapters.retire(body.lora_name)))
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+@contextmanager
+def adapter_route_errors():
+    """LoraErrors of the runtime adapter routes, pointing at their fields (lora_name, lora_path)."""
+    try:
+        yield
+    except AdapterLoadFailed as err:
+        raise ApiError(400, str(err), "adapter_load_failed", "lora_path") from None
+    except LoraError as err:
+        api = as_api_error(err)
+        raise ApiError(api.status, api.message, api.code, "lora_name" if api.param == "model" else api.param) from None
 
 
 def _check_runtime_adapters(state: ServeState, name: str):
@@ -384,9 +520,16 @@ def _check_runtime_adapters(state: ServeState, name: str):
         raise ApiError(400, "this server serves one merged model; runtime adapters are disabled", "adapters_disabled")
     if name == state.base_name:
         raise ApiError(400, f"'{name}' is the base model's name", "invalid_model", "lora_name")
+    try:
+        check_name(name)
+    except BadAdapterName as err:
+        raise ApiError(400, str(err), "invalid_model", "lora_name") from None
 
 
 def preload(engine: Engine, name: str):
-    """Engine thread: bring adapter `name` into a slot now (if one is free of running requests)."""
+    """Engine thread: read and check adapter `name` (config, weights, shapes, finite values),
+    bringing it into a slot when one is free of running requests."""
     if engine.adapters.acquire(name) is not None:
         engine.adapters.release(name)
+    else:  # every slot is busy, or an older copy of `name` is still running: check the files only
+        engine.adapters.check(name)

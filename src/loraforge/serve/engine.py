@@ -2,8 +2,9 @@
 
 A background thread owns the model. Each step it (1) runs queued tasks (adapter load/unload),
 (2) admits waiting requests while the batch has room and their adapter has (or gets) a kernel
-slot, (3) prefills the admitted prompts (left-padded, in chunks of at most `prefill_tokens`)
-and samples their first token, then (4) runs one decode step for every running sequence, each
+slot, (3) prefills the admitted prompts (left-padded, grouped so that rows x longest prompt stays
+within `prefill_tokens`; a prompt longer than that is prefilled alone, whole) and samples their
+first token, then (4) runs one decode step for every running sequence, each
 row with its own adapter (serve.kernel) and its own KV rows (serve.kvcache). Finished or
 cancelled sequences leave between steps; new ones join. Other threads talk to it through
 `submit`, `cancel` and `call`; results come back as Events through each request's sink.
@@ -23,8 +24,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from loraforge import LoraError
+from loraforge import LoraError, one_line
 from loraforge.core.ops import lora_layers
+from loraforge.models.generate import completion_text
 from loraforge.serve.adapters import AdapterCache, AdapterRegistry
 from loraforge.serve.kernel import MultiLoraKernel
 from loraforge.serve.kvcache import BatchCache, empty_batch, new_cache
@@ -35,6 +37,10 @@ log = logging.getLogger("loraforge.serve")
 
 class QueueFull(LoraError):
     """429: the waiting queue is full."""
+
+
+class GenerationFailed(LoraError):
+    """500: generating for a request failed (its sampling, its text, or the forward pass)."""
 
 
 @dataclass
@@ -89,7 +95,7 @@ class Sequence:
         self.arrival = time.perf_counter()
         self.last_token_at: float | None = None
         seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed % 2 ** 64)  # any int: torch takes 64 bits
 
 
 class Engine:
@@ -185,7 +191,7 @@ class Engine:
                 self.step()
             except Exception as err:  # noqa: BLE001 - keep serving; fail only what was in flight
                 log.exception("engine step failed")
-                self._fail_all(LoraError(f"generation failed: {type(err).__name__}: {err}"))
+                self._fail_all(GenerationFailed(f"generation failed: {type(err).__name__}: {one_line(err)}"))
         self._run_tasks()
         self._fail_all(LoraError("the server is shutting down"))
 
@@ -249,6 +255,10 @@ class Engine:
         except LoraError as err:
             self._finish(seq, error=err)
             return True
+        except Exception as err:  # noqa: BLE001 - this request's adapter: fail this request only
+            log.exception("adapter %r could not be made ready", name)
+            self._finish(seq, error=row_error(err))
+            return True
         if slot is None:
             return False
         seq.slot, seq.pinned = slot, True
@@ -277,6 +287,20 @@ class Engine:
         return chunks + ([current] if current else [])
 
     def _prefill(self, seqs: list[Sequence]):
+        """Prefill `seqs` together; if that fails, each alone, so that a failure caused by one
+        prompt fails that request only."""
+        try:
+            self._prefill_rows(seqs)
+        except Exception as err:  # noqa: BLE001 - isolate the request that caused it
+            if len(seqs) == 1:
+                log.exception("prefill failed")
+                self._finish(seqs[0], error=row_error(err))
+                return
+            for seq in seqs:
+                if not seq.finished:
+                    self._prefill([seq])
+
+    def _prefill_rows(self, seqs: list[Sequence]):
         width = max(len(s.prompt) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -321,15 +345,24 @@ class Engine:
 
     # --- tokens -> text -> events --------------------------------------------------------------
     def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """Sample one token per row, send text, finish rows that are done; returns rows to keep."""
-        tokens = sample(logits, seqs)
+        """Sample one token per row, send text, finish rows that are done; returns rows to keep.
+        A row whose sampling or text handling fails ends with an error; the other rows go on."""
+        greedy = logits.argmax(dim=-1).tolist()
+        broken = (logits.isnan() | logits.isposinf()).any(dim=-1).tolist()
         now = time.perf_counter()
         keep = []
-        for row, (seq, token) in enumerate(zip(seqs, tokens)):
+        for row, seq in enumerate(seqs):
             self._time_token(seq, now)
             if self.on_token is not None:
                 self.on_token(seq, now)
-            if self._advance(seq, token):
+            try:
+                if broken[row]:
+                    raise LoraError("the model produced NaN or infinite logits for this request")
+                alive = self._advance(seq, sample_token(logits[row], greedy[row], seq))
+            except Exception as err:  # noqa: BLE001 - this row's fault: end this row only
+                log.warning("request %d failed: %s", seq.id, one_line(err), exc_info=not isinstance(err, LoraError))
+                alive = self._finish(seq, error=row_error(err))
+            if alive:
                 keep.append(row)
         self.metrics.generated_tokens.inc(len(seqs))
         return keep
@@ -359,7 +392,7 @@ class Engine:
     def _send_text(self, seq: Sequence, final: bool) -> bool:
         """Send the decoded text not sent yet, holding back what may still become a stop string
         or an incomplete character. Returns False when a stop string was found (text cut there)."""
-        text = self.tokenizer.decode(seq.text_ids, skip_special_tokens=True)
+        text = completion_text(self.tokenizer, seq.text_ids)  # the rule generate and eval use too
         stop_at = find_stop(text, seq.params.stop, seq.sent)
         if stop_at is not None:
             text, final = text[:stop_at], True
@@ -403,25 +436,41 @@ class Engine:
         self.metrics.running.set(self.in_batch)
 
 
+def row_error(err: Exception) -> GenerationFailed:
+    """What the client of a failed row is told: the cause in one line, never a traceback."""
+    if isinstance(err, LoraError):
+        return GenerationFailed(f"generation failed for this request: {one_line(err)}")
+    return GenerationFailed(f"generation failed for this request: {type(err).__name__}: {one_line(err)}")
+
+
 # --- sampling ----------------------------------------------------------------------------------
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """Greedy (argmax) for temperature 0, else temperature + top-p sampling with each request's
-    own generator (a seed makes it repeatable). logits: (B, vocab) float32."""
-    tokens = logits.argmax(dim=-1).tolist()
-    for row, seq in enumerate(seqs):
-        p = seq.params
-        if p.temperature > 0:
-            probs = top_p_filter(torch.softmax(logits[row].cpu() / p.temperature, dim=-1), p.top_p)
-            tokens[row] = int(torch.multinomial(probs, 1, generator=seq.generator))
-    return tokens
+# Below this temperature, sampling is greedy: 1/T would overflow float32 (1/1e-39 is inf), and
+# the distribution is already a point mass on the most likely token for any logits a model yields.
+GREEDY_BELOW = 1e-4
+
+
+def sample_token(logits: torch.Tensor, greedy: int, seq: Sequence) -> int:
+    """The next token of one row: greedy (argmax, given) for temperature ~0, else temperature +
+    top-p sampling with the request's own generator (a seed makes it repeatable). Numerically
+    safe for every temperature and top_p the API accepts. logits: (vocab,) float32, without
+    NaN or +inf (the caller checks)."""
+    p = seq.params
+    if p.temperature < GREEDY_BELOW:
+        return greedy
+    row = logits.detach().float().cpu()
+    scaled = (row - row.max()) / p.temperature  # <= 0 everywhere, 0 at the most likely token
+    probs = top_p_filter(torch.softmax(scaled, dim=-1), p.top_p)
+    return int(torch.multinomial(probs, 1, generator=seq.generator))
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p (nucleus sampling)."""
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (nucleus sampling);
+    the most likely token is always kept, so at least one token has mass."""
     if top_p >= 1.0:
         return probs
     sorted_probs, order = probs.sort(descending=True)
     drop = sorted_probs.cumsum(0) - sorted_probs >= top_p  # mass before this token already enough
+    drop[0] = False
     sorted_probs[drop] = 0.0
     return torch.zeros_like(probs).scatter(0, order, sorted_probs)
 

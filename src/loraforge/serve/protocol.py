@@ -2,15 +2,67 @@
 never silently coerced) and the JSON objects the server sends back."""
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# What one request may ask for (docs/serve.md, "Reliability").
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_MESSAGES = 1024
+MAX_PATH_CHARS = 4096
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed accepts
+
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
+
+class FieldError(ValueError):
+    """A body validation error about one field (its `param` in the OpenAI error)."""
+
+    def __init__(self, param: str | None, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data):
+        """Refuse strings that are not Unicode text (lone surrogates such as "\\ud800", which
+        JSON allows but UTF-8 cannot encode), anywhere in the body, extra fields included."""
+        where = first_surrogate(data)
+        if where is not None:
+            raise FieldError(where.split(".")[0] or None,
+                             f"{where or 'body'}: a string holds a lone UTF-16 surrogate; send valid Unicode text")
+        return data
+
+
+def first_surrogate(value, where: str = "") -> str | None:
+    """The location of the first string (key or value) holding a lone surrogate, or None."""
+    if isinstance(value, str):
+        return where if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        here = f"{where}.{key}" if where else str(key)
+        if isinstance(key, str) and _SURROGATE.search(key):
+            return where
+        found = first_surrogate(item, here)
+        if found is not None:
+            return found
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _Sampling(_Body):
@@ -18,8 +70,8 @@ class _Sampling(_Body):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP_STRINGS)
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     n: int = 1
     stream: bool = False
     stream_options: dict | None = None
@@ -53,13 +105,20 @@ class ChatMessage(_Body):
 
 
 class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
 class LoadLoraRequest(_Body):
     lora_name: str
-    lora_path: str
+    lora_path: str = Field(min_length=1, max_length=MAX_PATH_CHARS)
+
+    @field_validator("lora_path")
+    @classmethod
+    def _no_nul(cls, path: str) -> str:
+        if "\x00" in path:
+            raise FieldError("lora_path", "lora_path holds a NUL byte")
+        return path
 
 
 class UnloadLoraRequest(_Body):

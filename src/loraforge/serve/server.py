@@ -15,7 +15,7 @@ from pathlib import Path
 
 from loraforge import LoraError
 from loraforge.serve.adapters import AdapterRegistry
-from loraforge.serve.api import ServeState, create_app
+from loraforge.serve.api import DEFAULT_MAX_BODY_BYTES, ServeState, create_app
 from loraforge.serve.engine import Engine
 
 MERGED = "merged"
@@ -23,7 +23,8 @@ MERGED = "merged"
 
 def build_state(model_name: str, adapters_dir: str | None, max_batch: int = 16, max_loaded: int = 8,
                 max_queue: int = 256, merge: str | None = None, allow_roots: list[str] = (),
-                served_name: str | None = None, dtype: str = "auto", device: str = "auto") -> ServeState:
+                served_name: str | None = None, dtype: str = "auto", device: str = "auto",
+                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> ServeState:
     """Everything the app serves, from the command line's choices."""
     from loraforge.models import load_model, load_tokenizer, resolve_model_path
 
@@ -35,7 +36,10 @@ def build_state(model_name: str, adapters_dir: str | None, max_batch: int = 16, 
         registry = None
     engine = Engine(model, tokenizer, registry, max_batch=max_batch, max_loaded=max_loaded, max_queue=max_queue)
     name = merge or served_name or str(model_name)
-    return ServeState(engine, registry, name, resolve_model_path(model_name), merged=merge is not None)
+    if max_body_bytes < 1:
+        raise LoraError(f"--max-body-bytes must be at least 1, got {max_body_bytes}")
+    return ServeState(engine, registry, name, resolve_model_path(model_name), merged=merge is not None,
+                      max_body_bytes=max_body_bytes)
 
 
 def merge_adapter(model, registry: AdapterRegistry | None, name: str):
@@ -55,7 +59,8 @@ def cli_serve(args: argparse.Namespace) -> int:
     if args.adapters is not None and not Path(args.adapters).is_dir():
         raise LoraError(f"--adapters {args.adapters} is not a directory")
     state = build_state(args.model, args.adapters, args.max_batch, args.max_loaded, args.max_queue, args.merge,
-                        args.allow_root or [], args.served_model_name, args.dtype, args.device)
+                        args.allow_root or [], args.served_model_name, args.dtype, args.device,
+                        args.max_body_bytes)
     app = create_app(state, api_key=args.api_key)
     logging.basicConfig(level=logging.INFO)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
