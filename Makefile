@@ -28,12 +28,13 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m loraforge demo
 
-# The benchmarks print markdown tables (README, "Measured"); they take tens of minutes.
+# The benchmarks print markdown tables (README, "Measured"; docs/serve.md for the soak); tens of minutes.
 bench: $(STAMP)
 	$(PY) bench/lora_overhead.py
 	$(PY) bench/train_vs_peft.py --threads 1
 	$(PY) bench/serve.py --threads 1 --clock cpu
 	$(PY) bench/qlora.py --threads 1 --stable-rss
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info
