@@ -164,3 +164,17 @@ def tiny_arch(name: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(**kwargs)
     return getattr(transformers, model_cls)(config).eval()
+
+
+def lm_steps(model: torch.nn.Module, ids: torch.Tensor, steps: int, lr: float = 1e-2) -> list[float]:
+    """`steps` AdamW steps of next-token loss on `ids` over the trainable parameters; the losses."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    return losses

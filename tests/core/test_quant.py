@@ -278,7 +278,7 @@ def test_train_eval_generate_with_quantize_nf4(tmp_path, capsys):
 def test_gpt2_conv1d_layers_quantize_train_and_load_back_on_the_float_model(tmp_path):
     """GPT-2's Conv1D (a transposed Linear) becomes a 4-bit Linear; LoRA over it equals LoRA over
     the dequantized weights, trains, and the adapter loads on the float GPT-2 (its Conv1D)."""
-    from factory import tiny_gpt2
+    from factory import lm_steps, tiny_gpt2
 
     from loraforge.core.layers import LoraConv1D
 
@@ -290,15 +290,7 @@ def test_gpt2_conv1d_layers_quantize_train_and_load_back_on_the_float_model(tmp_
         drift = (model(input_ids=ids).logits - float_model(input_ids=ids).logits).abs().max()
     assert 0 < drift < 1.0  # NF4 error only
     attach(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
-    optimizer = torch.optim.AdamW(adapter_params(model).values(), lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(4):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(float(loss))
+    losses = lm_steps(model, ids, 4)
     assert losses[-1] < losses[0]
     save_adapter(model.eval(), tmp_path / "a")
     load_adapter(float_model, tmp_path / "a")

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from factory import ARCHITECTURES, WINDOW, randomize_adapters, tiny_arch
+from factory import ARCHITECTURES, WINDOW, lm_steps, randomize_adapters, tiny_arch
 
 from loraforge import data as D
 from loraforge.core.config import LoraConfig
@@ -100,16 +100,7 @@ def test_merged_equals_unmerged_and_a_few_steps_lower_the_loss(name):
     model = tiny_arch(name)
     attach(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
     ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(float(loss))
+    losses = lm_steps(model, ids, 6)
     assert losses[-1] < losses[0]
     model.eval()
     with torch.no_grad():
