@@ -24,7 +24,9 @@ import torch
 from loraforge import LoraError
 from loraforge.data.records import IGNORE_INDEX, Example, Pair
 
-__all__ = ["EncodedSet", "answer_text", "batches", "block_causal_mask", "collate", "has_windows", "count_answer_tokens", "encode_example", "encode_examples", "n_trained", "one_per_row", "pack", "prompt_text", "train_val_split"]
+__all__ = ["EncodedSet", "answer_text", "batches", "block_causal_mask", "collate", "count_answer_tokens",
+           "encode_example", "encode_examples", "has_windows", "n_trained", "one_per_row", "pack",
+           "prompt_text", "stop_notes", "train_val_split"]
 
 # ----------------------------------------------------------------------------- encoding
 
@@ -99,6 +101,28 @@ def encode_example(example: Example, tokenizer: Any, train_on_prompt: bool = Fal
     unless train_on_prompt. Plain-text examples: eos appended, labels == input_ids."""
     prompt, answer = _encode_parts(example, tokenizer, chat_template)
     return _join(prompt, answer, train_on_prompt, max_len)
+
+
+def stop_notes(examples: list[Example], tokenizer: Any, stop_ids: set[int], max_len: int,
+               chat_template: bool = True, sample: int = 64) -> list[str]:
+    """Warnings, before training, when the fine-tuned model would not learn to stop: the answer's
+    last token (the template's end-of-turn marker, or eos) is not a token generation stops at, or
+    max_len cuts it off most examples. Checks the first `sample` answered examples."""
+    answered = [ex for ex in examples if ex.answer is not None][:sample]
+    if not answered or not stop_ids:
+        return []
+    notes = []
+    ends = [_encode_parts(ex, tokenizer, chat_template) for ex in answered]
+    wrong = [answer[-1] for _, answer in ends if answer and answer[-1] not in stop_ids]
+    if wrong:
+        shown = tokenizer.convert_ids_to_tokens(wrong[0])
+        notes.append(f"{len(wrong)} of {len(ends)} answers end with token {shown!r} (id {wrong[0]}), but generation "
+                     f"stops at {sorted(stop_ids)}: the fine-tuned model would not learn to stop")
+    cut = sum(len(prompt) + len(answer) > max_len for prompt, answer in ends)
+    if cut > len(ends) // 2:
+        notes.append(f"max_len={max_len} cuts the end-of-turn token off {cut} of {len(ends)} examples: the model "
+                     f"would rarely learn to stop; raise --max-len")
+    return notes
 
 
 def n_trained(labels: list[int]) -> int:

@@ -27,11 +27,13 @@ def _read_records(path: Path) -> list[dict]:
 
 
 class MetricsLog:
-    """Appends one JSON object per step to out/metrics.jsonl (and keeps them for the plot)."""
+    """Appends one JSON object per step to out/metrics.jsonl (and keeps them for the plot); each
+    record also goes to the dashboards' reporters (train.dashboards), if any."""
 
-    def __init__(self, out: Path, enabled: bool = True, append: bool = False):
+    def __init__(self, out: Path, enabled: bool = True, append: bool = False, reporters: list | None = None):
         self.path = Path(out) / "metrics.jsonl"
         self.enabled = enabled
+        self.reporters = reporters or []
         self.records: list[dict] = []
         if enabled and append and self.path.exists():
             self.records = _read_records(self.path)
@@ -50,6 +52,13 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        for reporter in self.reporters:
+            reporter.log(record)
+
+    def close(self):
+        for reporter in self.reporters:
+            reporter.close()
+        self.reporters = []
 
     def summary(self) -> dict:
         speeds = [r["tokens_per_s"] for r in self.records[1:] or self.records if "tokens_per_s" in r]
