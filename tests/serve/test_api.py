@@ -135,9 +135,10 @@ def test_adapter_names_that_are_paths_are_400(client, name):
     b"{not json", b"[1, 2]", b'{"prompt": "hi"}',
     b'{"model": "alpha", "prompt": "hi", "max_tokens": "5"}',
     b'{"model": "alpha", "prompt": "hi", "temperature": "hot"}',
-    b'{"model": "alpha", "prompt": "hi", "n": 2}',
+    b'{"model": "alpha", "prompt": "hi", "n": 0}',
     b'{"model": "alpha", "prompt": "hi", "max_tokens": 0}',
-    b'{"model": "alpha", "prompt": ["a", "b"]}',
+    b'{"model": "alpha", "prompt": ["a", 5]}',
+    b'{"model": "alpha", "prompt": "hi", "best_of": 2}',
     b'{"model": "alpha", "prompt": [1, 99999999]}',
     b'{"model": 5, "prompt": "hi"}',
 ])

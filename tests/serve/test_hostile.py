@@ -38,7 +38,7 @@ from loraforge.serve.engine import (
     top_p_filter,
 )
 from loraforge.serve.kernel import MultiLoraKernel
-from loraforge.serve.protocol import MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_STRINGS
+from loraforge.serve.protocol import MAX_LOGPROBS, MAX_MESSAGES, MAX_CHOICES, MAX_STOP_CHARS, MAX_STOP_STRINGS
 from loraforge.serve.server import build_state
 
 BASE = "tiny-base"
@@ -148,6 +148,7 @@ def reference(http) -> str:
 
 # --- the table ---------------------------------------------------------------------------------------
 C, CHAT, LOAD, UNLOAD = "/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
+TOK, DETOK = "/tokenize", "/detokenize"
 MSG = [{"role": "user", "content": "Hi"}]
 
 
@@ -226,7 +227,18 @@ CASES = [
     ("prompt-negative-id", C, comp(prompt=[-1]), 400, "prompt"),
     ("prompt-huge-id", C, comp(prompt=[2 ** 70]), 400, "prompt"),
     ("prompt-float-ids", C, comp(prompt=[1.5]), 400, "prompt"),
-    ("prompt-two-strings", C, comp(prompt=["a", "b"]), 400, "prompt"),
+    ("prompt-two-strings", C, comp(prompt=["a", "b"]), 200, None),
+    ("prompt-two-id-lists", C, comp(prompt=[[5, 6], [7]]), 200, None),
+    ("prompt-ids-and-lists-mixed", C, comp(prompt=[5, [6]]), 400, "prompt"),
+    ("prompt-strings-and-ids-mixed", C, comp(prompt=["a", 5]), 400, "prompt"),
+    ("prompt-empty-id-list", C, comp(prompt=[[5], []]), 400, "prompt"),
+    ("prompt-negative-id-in-list", C, comp(prompt=[[5], [-1]]), 400, "prompt"),
+    ("prompt-id-beyond-vocab-in-list", C, comp(prompt=[[5], [10 ** 6]]), 400, "prompt"),
+    ("prompt-bool-ids", C, comp(prompt=[True, False]), 400, "prompt"),
+    ("prompt-nested-too-deep", C, comp(prompt=[[[5]]]), 400, "prompt"),
+    ("prompt-too-many", C, comp(prompt=["a"] * (MAX_CHOICES + 1)), 400, "prompt"),
+    ("prompt-too-many-id-lists", C, comp(prompt=[[5]] * (MAX_CHOICES + 1)), 400, "prompt"),
+    ("prompt-list-beyond-context", C, comp(prompt=[[5], [5] * CONTEXT]), 400, "prompt"),
     ("prompt-null", C, comp(prompt=None), 400, "prompt"),
     ("prompt-object", C, comp(prompt={"a": 1}), 400, "prompt"),
     ("prompt-number", C, comp(prompt=5), 400, "prompt"),
@@ -244,6 +256,9 @@ CASES = [
     ("max_tokens-1e30", C, comp(max_tokens=10 ** 30), 400, "max_tokens"),
     ("max_tokens-rest-of-context-plus-1", C, comp(prompt=[5, 6], max_tokens=CONTEXT - 1), 400, "max_tokens"),
     ("max_tokens-zero", C, comp(max_tokens=0), 400, "max_tokens"),
+    ("max_tokens-zero-echo", C, comp(max_tokens=0, echo=True, logprobs=1), 200, None),
+    ("max_tokens-negative-echo", C, comp(max_tokens=-1, echo=True), 400, "max_tokens"),
+    ("chat-max_tokens-zero", CHAT, chat(max_tokens=0), 400, "max_tokens"),
     ("max_tokens-negative", C, comp(max_tokens=-1), 400, "max_tokens"),
     ("max_tokens-string", C, comp(max_tokens="5"), 400, "max_tokens"),
     ("max_tokens-bool", C, comp(max_tokens=True), 400, "max_tokens"),
@@ -262,7 +277,39 @@ CASES = [
     ("stop-list-of-numbers", C, comp(stop=[1]), 400, "stop"),
     ("chat-too-many-messages", CHAT, chat(messages=MSG * (MAX_MESSAGES + 1)), 400, "messages"),
     # other fields
-    ("n-2", C, comp(n=2), 400, "n"),
+    ("n-2", C, comp(n=2, temperature=1, seed=3), 200, None),
+    ("chat-n-2", CHAT, chat(n=2, temperature=1), 200, None),
+    ("n-negative", C, comp(n=-1), 400, "n"),
+    ("n-string", C, comp(n="2"), 400, "n"),
+    ("n-float", C, comp(n=2.0), 400, "n"),
+    ("n-over-max", C, comp(n=MAX_CHOICES + 1), 400, "n"),
+    ("n-times-prompts-over-max", C, comp(prompt=["a", "b"], n=MAX_CHOICES // 2 + 1), 400, "n"),
+    ("stream-n-2", C, comp(stream=True, n=2), 400, "n"),
+    ("chat-stream-n-2", CHAT, chat(stream=True, n=2), 400, "n"),
+    ("echo-string", C, comp(echo="yes"), 400, "echo"),
+    ("echo-number", C, comp(echo=1), 400, "echo"),
+    ("logprobs-21", C, comp(logprobs=MAX_LOGPROBS + 1), 400, "logprobs"),
+    ("logprobs-negative", C, comp(logprobs=-1), 400, "logprobs"),
+    ("logprobs-bool", C, comp(logprobs=True), 400, "logprobs"),
+    ("logprobs-float", C, comp(logprobs=1.5), 400, "logprobs"),
+    ("logprobs-max", C, comp(logprobs=MAX_LOGPROBS, echo=True), 200, None),
+    ("stream-echo", C, comp(stream=True, echo=True), 400, "echo"),
+    ("stream-logprobs", C, comp(stream=True, logprobs=1), 400, "logprobs"),
+    ("stream-two-prompts", C, comp(stream=True, prompt=["a", "b"]), 400, "prompt"),
+    ("best_of", C, comp(best_of=2), 400, "best_of"),
+    ("unknown-field", C, comp(frobnicate=1), 400, "frobnicate"),
+    ("suffix", C, comp(suffix="x"), 400, "suffix"),
+    ("chat-echo", CHAT, chat(echo=True), 400, "echo"),
+    ("chat-logprobs", CHAT, chat(logprobs=True, top_logprobs=MAX_LOGPROBS), 200, None),
+    ("chat-logprobs-int", CHAT, chat(logprobs=1), 400, "logprobs"),
+    ("chat-logprobs-string", CHAT, chat(logprobs="true"), 400, "logprobs"),
+    ("chat-top_logprobs-21", CHAT, chat(logprobs=True, top_logprobs=MAX_LOGPROBS + 1), 400, "top_logprobs"),
+    ("chat-top_logprobs-negative", CHAT, chat(logprobs=True, top_logprobs=-1), 400, "top_logprobs"),
+    ("chat-top_logprobs-without-logprobs", CHAT, chat(top_logprobs=2), 400, "top_logprobs"),
+    ("chat-stream-logprobs", CHAT, chat(stream=True, logprobs=True), 400, "logprobs"),
+    ("chat-tools", CHAT, chat(tools=[]), 400, "tools"),
+    ("chat-message-unknown-field", CHAT, chat(messages=[{"role": "user", "content": "x", "tool_calls": []}]), 400,
+     "messages"),
     ("n-0", C, comp(n=0), 400, "n"),
     ("stream-string", C, comp(stream="yes"), 400, "stream"),
     ("stream_options-string", C, comp(stream_options="x"), 400, "stream_options"),
@@ -271,6 +318,27 @@ CASES = [
     ("chat-role-number", CHAT, chat(messages=[{"role": 5, "content": "x"}]), 400, "messages"),
     ("chat-content-part-type", CHAT, chat(messages=[{"role": "user", "content": [{"type": "image", "text": "x"}]}]),
      400, "messages"),
+    # the tokenizer routes
+    ("tokenize-prompt", TOK, {"model": BASE, "prompt": "Hello"}, 200, None),
+    ("tokenize-messages", TOK, {"model": "alpha", "messages": MSG}, 200, None),
+    ("tokenize-both", TOK, {"model": BASE, "prompt": "Hi", "messages": MSG}, 400, "prompt"),
+    ("tokenize-neither", TOK, {"model": BASE}, 400, "prompt"),
+    ("tokenize-prompt-ids", TOK, {"model": BASE, "prompt": [5, 6]}, 400, "prompt"),
+    ("tokenize-messages-empty", TOK, {"model": BASE, "messages": []}, 400, "messages"),
+    ("tokenize-unknown-model", TOK, {"model": "nosuch", "prompt": "Hi"}, 404, "model"),
+    ("tokenize-model-path", TOK, {"model": "../alpha", "prompt": "Hi"}, 400, "model"),
+    ("tokenize-chars-beyond-context", TOK, {"model": BASE, "prompt": "x " * 20_000}, 400, "prompt"),
+    ("tokenize-surrogate", TOK, raw('{"model": "tiny-base", "prompt": "\\ud800"}'), 400, "prompt"),
+    ("tokenize-unknown-field", TOK, {"model": BASE, "prompt": "Hi", "return_token_strs": True}, 400,
+     "return_token_strs"),
+    ("detokenize", DETOK, {"model": BASE, "tokens": [5, 6]}, 200, None),
+    ("detokenize-negative", DETOK, {"model": BASE, "tokens": [5, -1]}, 400, "tokens"),
+    ("detokenize-beyond-vocab", DETOK, {"model": BASE, "tokens": [10 ** 6]}, 400, "tokens"),
+    ("detokenize-beyond-context", DETOK, {"model": BASE, "tokens": [5] * (CONTEXT + 1)}, 400, "tokens"),
+    ("detokenize-strings", DETOK, {"model": BASE, "tokens": ["a"]}, 400, "tokens"),
+    ("detokenize-floats", DETOK, {"model": BASE, "tokens": [1.0]}, 400, "tokens"),
+    ("detokenize-missing", DETOK, {"model": BASE}, 400, "tokens"),
+    ("detokenize-unknown-model", DETOK, {"model": "nosuch", "tokens": [5]}, 404, "model"),
     # bodies
     ("json-malformed", C, b"{not json", 400, None),
     ("json-array", C, b"[1, 2]", 400, None),
@@ -340,6 +408,10 @@ def check_response(response: httpx.Response, status: int, param: str | None, rou
     if status == 200:
         if route == LOAD:
             assert response.text.startswith("Success")
+        elif route == TOK:
+            assert response.json()["count"] == len(response.json()["tokens"]) > 0
+        elif route == DETOK:
+            assert isinstance(response.json()["prompt"], str)
         elif isinstance(body, dict) and body.get("stream"):
             assert response.text.rstrip().endswith("data: [DONE]")
         else:
@@ -368,7 +440,7 @@ def test_hostile_request_gets_its_error_and_the_server_goes_on(http, hostile, re
 CONCURRENT = ["temperature-1e-300", "top_p-1e-300", "seed-2**64", "prompt-lone-surrogate", "model-5000-chars",
               "model-nan-adapter", "model-weights-symlinked-outside", "load-nan", "load-config-symlinked-to-etc-passwd",
               "load-truncated-weights", "body-over-limit", "stop-at-the-bounds", "json-deeply-nested",
-              "prompt-chars-beyond-context"]
+              "prompt-chars-beyond-context", "prompt-two-id-lists", "logprobs-max", "max_tokens-zero-echo"]
 
 
 @pytest.mark.parametrize("case_id", CONCURRENT)
@@ -647,13 +719,13 @@ def test_a_huge_prompt_neither_freezes_the_server_nor_keeps_memory(hostile):
 
 def test_tokenizing_does_not_block_the_event_loop(server, http, monkeypatch):
     """A slow tokenization (a long prompt) runs in a worker thread: /health answers meanwhile."""
-    real = api.completion_prompt
+    real = api.completion_prompts
 
     def slow(state, prompt):
         time.sleep(1.5)
         return real(state, prompt)
 
-    monkeypatch.setattr(api, "completion_prompt", slow)
+    monkeypatch.setattr(api, "completion_prompts", slow)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(http.post, C, json=comp())
         time.sleep(0.2)
@@ -697,7 +769,7 @@ def test_an_unexpected_error_is_a_json_500_without_a_traceback(server, http, mon
     def explode(*args, **kwargs):
         raise KeyError("internal detail")
 
-    monkeypatch.setattr(api, "completion_prompt", explode)
+    monkeypatch.setattr(api, "completion_prompts", explode)
     response = http.post(C, json=comp())
     assert response.status_code == 500
     error = response.json()["error"]

@@ -7,6 +7,7 @@ queue per request. Errors are OpenAI-shaped: {"error": {"message", "type", "para
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 from contextlib import asynccontextmanager, contextmanager
@@ -25,7 +26,7 @@ from loraforge.serve import protocol as P
 from loraforge.serve.adapters import (AdapterForbidden, AdapterLoadFailed, AdapterNotFound, AdapterRegistry,
                                       BadAdapterName, BadAdapterPath, check_name)
 from loraforge.serve.engine import (Engine, Event, GenerationFailed, GenerationRequest, QueueFull, SamplingParams,
-                                    Sequence)
+                                    Sequence, TokenLogprob, sample_seed)
 
 log = logging.getLogger("loraforge.serve")
 DEFAULT_MAX_BODY_BYTES = 8 * 2 ** 20
@@ -141,13 +142,15 @@ def sse(obj) -> str:
 
 
 class ApiKeyMiddleware:
-    """401 on /v1/* without `Authorization: Bearer <key>` (checked before the body is read)."""
+    """401 on /v1/*, /tokenize and /detokenize without `Authorization: Bearer <key>` (checked before the body is read)."""
+
+    PROTECTED = ("/v1", "/tokenize", "/detokenize")
 
     def __init__(self, app, key: str):
         self.app, self.key = app, key.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1") and not self._allowed(scope):
+        if scope["type"] == "http" and scope["path"].startswith(self.PROTECTED) and not self._allowed(scope):
             response = error_response(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
                                       "invalid_api_key")
             await response(scope, receive, send)
@@ -242,6 +245,7 @@ def create_app(state: ServeState, api_key: str | None = None) -> FastAPI:
     _add_error_handlers(app)
     _add_info_routes(app, state)
     _add_generation_routes(app, state)
+    _add_tokenizer_routes(app, state)
     _add_adapter_routes(app, state)
     return app
 
@@ -283,7 +287,11 @@ def describe_validation(errors: list[dict]) -> tuple[str, str, str | None]:
         return str(cause), "invalid_request", cause.param
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     param = loc[0] if loc else None
+    if param == "prompt" and len(loc) > 1:  # no member of the union fits: say what does
+        return f"prompt: {P.PROMPT_SHAPES}", "invalid_prompt", param
     where = ".".join(loc) or "body"
+    if first.get("type") == "extra_forbidden":
+        return f"{where}: this server does not support this field", "unsupported_field", param
     return f"{where}: {first.get('msg', 'invalid value')}", "invalid_request", param
 
 
@@ -312,42 +320,101 @@ def _add_generation_routes(app: FastAPI, state: ServeState):
     # Tokenizing runs in a worker thread: a long prompt never stalls the event loop.
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request):
-        prompt = await asyncio.to_thread(completion_prompt, state, body.prompt)
-        return await generate(state, request, body, prompt, chat=False)
+        prompts = await asyncio.to_thread(completion_prompts, state, body.prompt)
+        check_choices(body, len(prompts))
+        if body.stream:
+            return await stream_one(state, request, body, prompts[0].ids, chat=False)
+        results = await run_rows(state, request, body, [prompt.ids for prompt in prompts], chat=False)
+        choices = await asyncio.to_thread(completion_choices, state.engine.tokenizer, body, prompts, results)
+        return P.completions(P.new_id("cmpl"), body.model, choices, choices_usage(prompts, results))
 
     @app.post("/v1/chat/completions")
     async def chat(body: P.ChatRequest, request: Request):
         prompt = await asyncio.to_thread(chat_prompt, state, body.messages)
-        return await generate(state, request, body, prompt, chat=True)
+        check_choices(body, 1)
+        if body.stream:
+            return await stream_one(state, request, body, prompt, chat=True)
+        results = await run_rows(state, request, body, [prompt], chat=True)
+        choices = await asyncio.to_thread(chat_choices, state.engine.tokenizer, body, results)
+        return P.chat_completions(P.new_id("chatcmpl"), body.model, choices,
+                                  choices_usage([Prompt(prompt)], results))
 
 
-def completion_prompt(state: ServeState, prompt) -> list[int]:
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        if len(prompt) != 1:
-            raise ApiError(400, "only one prompt per request is supported", "invalid_prompt", "prompt")
-        prompt = prompt[0]
+@dataclass
+class Prompt:
+    """One completions prompt: its token ids, and its text when it was sent as text."""
+
+    ids: list[int]
+    text: str | None = None
+
+
+def completion_prompts(state: ServeState, prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+    """The prompts of a completions request: a text, texts, token ids, or lists of token ids."""
     if isinstance(prompt, str):
-        check_prompt_chars(state, len(prompt), "prompt")
-        return state.engine.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    check_prompt_tokens(state, len(prompt))
+        return [text_prompt(state, prompt)]
+    if not prompt:
+        raise ApiError(400, "the prompt is empty", "invalid_prompt", "prompt")
+    if len(prompt) > P.MAX_CHOICES and not isinstance(prompt[0], int):
+        raise ApiError(400, f"at most {P.MAX_CHOICES} prompts per request", "invalid_prompt", "prompt")
+    if isinstance(prompt[0], int):
+        return [token_prompt(state, prompt)]
+    if isinstance(prompt[0], str):
+        return [text_prompt(state, text) for text in prompt]
+    return [token_prompt(state, ids) for ids in prompt]
+
+
+def text_prompt(state: ServeState, text: str) -> Prompt:
+    check_prompt_chars(state, len(text), "prompt")
+    return Prompt(state.engine.tokenizer(text, add_special_tokens=True)["input_ids"], text)
+
+
+def token_prompt(state: ServeState, ids: list[int]) -> Prompt:
+    if not ids:
+        raise ApiError(400, "the prompt is empty", "invalid_prompt", "prompt")
+    check_prompt_tokens(state, len(ids))
+    check_token_ids(state, ids, "prompt")
+    return Prompt(list(ids))
+
+
+def check_token_ids(state: ServeState, ids: list[int], param: str):
+    """Refuse ids outside the vocabulary, and more ids than the context holds."""
+    if len(ids) > state.engine.context:
+        raise ApiError(400, f"{param}: more than the context's {state.engine.context} tokens", "invalid_tokens",
+                       param)
     vocab = state.engine.model.config.vocab_size
-    if any(not 0 <= t < vocab for t in prompt):
-        raise ApiError(400, f"prompt token ids must be in [0, {vocab})", "invalid_prompt", "prompt")
-    return list(prompt)
+    if any(not 0 <= t < vocab for t in ids):
+        raise ApiError(400, f"{param}: token ids must be in [0, {vocab})", "invalid_tokens", param)
 
 
-def chat_prompt(state: ServeState, messages: list[P.ChatMessage]) -> list[int]:
+def check_choices(body: P._Sampling, n_prompts: int):
+    """At most MAX_CHOICES choices (prompts x n); a stream carries one choice's text only."""
+    if n_prompts * body.n > P.MAX_CHOICES:
+        raise ApiError(400, f"{n_prompts} prompts x n = {body.n} exceeds {P.MAX_CHOICES} choices per request",
+                       "invalid_n", "n")
+    if not body.stream:
+        return
+    if n_prompts > 1:
+        raise ApiError(400, "stream supports one prompt per request", "invalid_prompt", "prompt")
+    if body.n > 1:
+        raise ApiError(400, "stream supports n = 1 only", "invalid_n", "n")
+    for name in ("echo", "logprobs"):
+        if getattr(body, name, None) not in (False, None):
+            raise ApiError(400, f"{name} is not supported with stream", "unsupported_field", name)
+
+
+def chat_prompt(state: ServeState, messages: list[P.ChatMessage], add_generation_prompt: bool = True,
+                add_special_tokens: bool = False) -> list[int]:
     tokenizer = state.engine.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", "no_chat_template")
     turns = [{"role": m.role, "content": m.text()} for m in messages]
     check_prompt_chars(state, sum(len(t["content"]) + len(t["role"]) for t in turns), "messages")
     try:
-        text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, tokenize=False)
     except Exception as err:  # noqa: BLE001 - template errors (e.g. unsupported roles) are the client's
         raise ApiError(400, f"cannot apply the chat template: {one_line(err)}", "invalid_messages",
                        "messages") from None
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
 
 def check_prompt_chars(state: ServeState, chars: int, param: str):
@@ -376,8 +443,6 @@ def resolve_model(state: ServeState, name: str) -> str | None:
 
 
 def sampling_params(state: ServeState, body: P._Sampling, n_prompt: int, chat: bool) -> SamplingParams:
-    if body.n != 1:
-        raise ApiError(400, "n must be 1: one choice per request", "invalid_n", "n")
     context = state.engine.context
     if n_prompt == 0:
         raise ApiError(400, "the prompt is empty", "invalid_prompt", "prompt")
@@ -385,28 +450,101 @@ def sampling_params(state: ServeState, body: P._Sampling, n_prompt: int, chat: b
     max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
     if max_tokens is None:
         max_tokens = context - n_prompt if chat else min(16, context - n_prompt)
+    if max_tokens == 0 and not getattr(body, "echo", False):
+        raise ApiError(400, "max_tokens must be at least 1 (0 only with echo: scoring the prompt)",
+                       "invalid_request", "max_tokens")
     if n_prompt + max_tokens > context:
         raise ApiError(400, f"this model's maximum context length is {context} tokens; the prompt ({n_prompt}) "
                             f"plus max_tokens ({max_tokens}) exceeds it", "context_length_exceeded", "max_tokens")
+    logprobs = body.top_count() if chat else body.logprobs
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                          stop=body.stop_list(), seed=body.seed, ignore_eos=body.ignore_eos)
+                          stop=body.stop_list(), seed=body.seed, ignore_eos=body.ignore_eos, logprobs=logprobs,
+                          prompt_logprobs=logprobs if not chat and body.echo else None)
 
 
-async def generate(state: ServeState, request: Request, body: P._Sampling, prompt: list[int], chat: bool):
+async def stream_one(state: ServeState, request: Request, body: P._Sampling, prompt: list[int], chat: bool):
+    """A streamed answer: one choice, as server-sent events."""
     adapter = await asyncio.to_thread(resolve_model, state, body.model)
     params = sampling_params(state, body, len(prompt), chat)
     stream = EventStream()
     seq = state.engine.submit(GenerationRequest(prompt, adapter, params), stream.sink)  # QueueFull: 429
     first = await first_event(request, stream, state.engine, seq)
     rid = P.new_id("chatcmpl" if chat else "cmpl")
-    if body.stream:
-        chunks = chat_sse(stream, first, rid, body) if chat else completion_sse(stream, first, rid, body)
-        return SSEResponse(_cancel_at_end(chunks, state.engine, seq), lambda: state.engine.cancel(seq))
-    text, last = await collect(request, stream, state.engine, seq, first)
-    use = P.usage(last.prompt_tokens, last.completion_tokens)
-    if chat:
-        return P.chat_completion(rid, body.model, text, last.finish_reason, use)
-    return P.completion(rid, body.model, text, last.finish_reason, use)
+    chunks = chat_sse(stream, first, rid, body) if chat else completion_sse(stream, first, rid, body)
+    return SSEResponse(_cancel_at_end(chunks, state.engine, seq), lambda: state.engine.cancel(seq))
+
+
+async def run_rows(state: ServeState, request: Request, body: P._Sampling, prompts: list[list[int]],
+                   chat: bool) -> list[tuple[str, Event]]:
+    """Generate `n` samples of each prompt, all submitted at once so that the engine batches
+    them; their (text, done event) in OpenAI's choice order: prompt index x n + sample index."""
+    adapter = await asyncio.to_thread(resolve_model, state, body.model)
+    params = [sampling_params(state, body, len(prompt), chat) for prompt in prompts]
+    engine, submitted = state.engine, []
+    try:
+        for prompt, param in zip(prompts, params):
+            for i in range(body.n):
+                sample = dataclasses.replace(param, seed=sample_seed(param.seed, i))
+                stream = EventStream()
+                submitted.append((engine.submit(GenerationRequest(prompt, adapter, sample), stream.sink), stream))
+        return await asyncio.gather(*(result_of(request, stream, engine, seq) for seq, stream in submitted))
+    finally:
+        for seq, _ in submitted:
+            engine.cancel(seq)  # a no-op for a finished one; frees the others when one failed
+
+
+def choices_usage(prompts: list[Prompt], results: list[tuple[str, Event]]) -> dict:
+    """Usage as OpenAI counts it: each prompt once, every choice's completion tokens."""
+    return P.usage(sum(len(prompt.ids) for prompt in prompts), sum(last.completion_tokens for _, last in results))
+
+
+async def result_of(request: Request, stream: EventStream, engine: Engine, seq: Sequence) -> tuple[str, Event]:
+    return await collect(request, stream, engine, seq, await first_event(request, stream, engine, seq))
+
+
+def completion_choices(tokenizer, body: P.CompletionRequest, prompts: list[Prompt],
+                       results: list[tuple[str, Event]]) -> list[dict]:
+    choices = []
+    for index, (text, last) in enumerate(results):
+        prompt = prompts[index // body.n]
+        prompt_text = prompt.text if prompt.text is not None else tokenizer.decode(prompt.ids)
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = logprobs_of(tokenizer, last.logprobs, start=0 if body.echo else len(prompt_text))
+        choices.append(P.completion_choice(index, prompt_text + text if body.echo else text, last.finish_reason,
+                                           logprobs))
+    return choices
+
+
+def chat_choices(tokenizer, body: P.ChatRequest, results: list[tuple[str, Event]]) -> list[dict]:
+    def piece(token: int) -> str:
+        return tokenizer.decode([token])
+
+    choices = []
+    for index, (text, last) in enumerate(results):
+        logprobs = None
+        if body.logprobs:  # one entry per generated token
+            logprobs = {"content": [P.chat_logprob(piece(e.token), e.logprob,
+                                                   [(piece(t), lp) for t, lp in e.top.items()])
+                                    for e in last.logprobs]}
+        choices.append(P.chat_choice(index, text, last.finish_reason, logprobs))
+    return choices
+
+
+def logprobs_of(tokenizer, entries: list[TokenLogprob], start: int) -> dict:
+    """The completions `logprobs` object of engine entries; a token's text is its decoded id."""
+    def piece(token: int) -> str:
+        return tokenizer.decode([token])
+
+    def top_by_text(top: dict[int, float]) -> dict[str, float]:
+        """Tokens whose texts are equal (byte pieces of one character) share a key: the likeliest keeps it."""
+        out: dict[str, float] = {}
+        for token, logprob in top.items():  # most likely first
+            out.setdefault(piece(token), logprob)
+        return out
+
+    tops = [None if e.top is None else top_by_text(e.top) for e in entries]
+    return P.completion_logprobs([piece(e.token) for e in entries], [e.logprob for e in entries], tops, start)
 
 
 async def next_event(request: Request, stream: EventStream, engine: Engine, seq: Sequence) -> Event:
@@ -478,6 +616,29 @@ async def chat_sse(stream: EventStream, event: Event, rid: str, body: P._Samplin
         use = P.usage(event.prompt_tokens, event.completion_tokens)
         yield sse(P.usage_chunk(rid, body.model, "chat.completion.chunk", use))
     yield "data: [DONE]\n\n"
+
+
+# --- the tokenizer (vLLM's endpoints) ----------------------------------------------------------------
+def _add_tokenizer_routes(app: FastAPI, state: ServeState):
+    @app.post("/tokenize")
+    async def tokenize(body: P.TokenizeRequest):
+        await asyncio.to_thread(resolve_model, state, body.model)
+        tokens = await asyncio.to_thread(tokenize_body, state, body)
+        return {"count": len(tokens), "max_model_len": state.engine.context, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(body: P.DetokenizeRequest):
+        await asyncio.to_thread(resolve_model, state, body.model)
+        check_token_ids(state, body.tokens, "tokens")
+        return {"prompt": await asyncio.to_thread(state.engine.tokenizer.decode, body.tokens)}
+
+
+def tokenize_body(state: ServeState, body: P.TokenizeRequest) -> list[int]:
+    if body.messages is not None:
+        return chat_prompt(state, body.messages, body.add_generation_prompt, bool(body.add_special_tokens))
+    check_prompt_chars(state, len(body.prompt), "prompt")
+    special = True if body.add_special_tokens is None else body.add_special_tokens
+    return state.engine.tokenizer(body.prompt, add_special_tokens=special)["input_ids"]
 
 
 # --- runtime adapters (vLLM's endpoints) ------------------------------------------------------------

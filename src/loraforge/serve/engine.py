@@ -11,6 +11,7 @@ cancelled sequences leave between steps; new ones join. Other threads talk to it
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import itertools
 import logging
@@ -45,12 +46,25 @@ class GenerationFailed(LoraError):
 
 @dataclass
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int = 16  # 0: score the prompt only (prompt_logprobs), generate nothing
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None  # record each generated token's logprob and this many top tokens
+    prompt_logprobs: int | None = None  # the same for every prompt token (from the prefill logits)
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-probability under the model (float32 log_softmax of the logits the sampler
+    sees, before temperature and top-p) and the most likely tokens at its position. Both are None
+    for the first prompt token, which nothing predicts."""
+
+    token: int
+    logprob: float | None
+    top: dict[int, float] | None
 
 
 @dataclass
@@ -70,6 +84,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Exception | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # `done`: prompt ones first, if asked
 
 
 Sink = Callable[[Event], None]
@@ -86,6 +101,7 @@ class Sequence:
         self.prompt = list(request.prompt_ids)
         self.generated: list[int] = []
         self.text_ids: list[int] = []  # generated ids that count as text (not eos)
+        self.logprobs: list[TokenLogprob] = []  # prompt tokens (if asked), then generated tokens
         self.sent = 0  # characters of decoded text already sent
         self.slot = 0
         self.pinned = False
@@ -276,7 +292,14 @@ class Engine:
 
     # --- forward passes ----------------------------------------------------------------------
     def _prefill_chunks(self, seqs: list[Sequence]) -> list[list[Sequence]]:
-        """Split admitted sequences so that rows x longest prompt stays within the token budget."""
+        """Split admitted sequences so that rows x longest prompt stays within the token budget.
+        Sequences that score their prompt are prefilled apart: only their chunks keep the logits
+        of every position (rows x width x vocab floats, within the same budget)."""
+        plain = [s for s in seqs if s.params.prompt_logprobs is None]
+        scoring = [s for s in seqs if s.params.prompt_logprobs is not None]
+        return self._budget_chunks(plain) + self._budget_chunks(scoring)
+
+    def _budget_chunks(self, seqs: list[Sequence]) -> list[list[Sequence]]:
         chunks, current = [], []
         for seq in seqs:
             width = max([len(s.prompt) for s in current] + [len(seq.prompt)])
@@ -310,10 +333,18 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         part = BatchCache(new_cache(self.model.config), mask)
-        logits = self._forward(ids, mask, positions, part.cache, [s.slot for s in seqs])
-        for seq in seqs:
+        scoring = any(s.params.prompt_logprobs is not None for s in seqs)
+        logits = self._forward(ids, mask, positions, part.cache, [s.slot for s in seqs], every_position=scoring)
+        for row, seq in enumerate(seqs):
             self.metrics.prompt_tokens.inc(len(seq.prompt))
-        keep = self._emit(seqs, logits)
+            if seq.params.prompt_logprobs is not None:
+                seq.logprobs = prompt_logprobs(logits[row, width - len(seq.prompt):], seq.prompt,
+                                               seq.params.prompt_logprobs)
+        rows = [row for row, seq in enumerate(seqs) if seq.params.max_tokens > 0]
+        for seq in seqs:
+            if seq.params.max_tokens == 0:
+                self._finish(seq, reason="length")
+        keep = [rows[i] for i in self._emit([seqs[row] for row in rows], logits[rows, -1])]
         part.keep(keep)
         if keep:
             self.batch.extend(part)
@@ -325,18 +356,20 @@ class Engine:
         slots = [s.slot for s in self.running]
         logits = self._forward(ids, mask, self.batch.positions(), self.batch.cache, slots, reuse=True)
         self.batch.after_step(mask)
-        self._keep_rows(self._emit(self.running, logits))
+        self._keep_rows(self._emit(self.running, logits[:, -1]))
 
-    def _forward(self, ids, mask, positions, cache, slots: list[int], reuse: bool = False) -> torch.Tensor:
-        """One forward pass; returns the last position's logits as float32 (B, vocab)."""
+    def _forward(self, ids, mask, positions, cache, slots: list[int], reuse: bool = False,
+                 every_position: bool = False) -> torch.Tensor:
+        """One forward pass; returns float32 logits (B, T, vocab) of every position when asked,
+        else (B, 1, vocab) of the last one."""
         self.kernel.set_rows(slots, reuse)
         try:
             with torch.inference_mode():
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                                 logits_to_keep=1, **{self.cache_arg: cache})
+                                 logits_to_keep=0 if every_position else 1, **{self.cache_arg: cache})
         finally:
             self.kernel.reset_rows()
-        return out.logits[:, -1].float()
+        return out.logits.float()
 
     def _keep_rows(self, keep: list[int]):
         if len(keep) != len(self.running):
@@ -358,7 +391,11 @@ class Engine:
             try:
                 if broken[row]:
                     raise LoraError("the model produced NaN or infinite logits for this request")
-                alive = self._advance(seq, sample_token(logits[row], greedy[row], seq))
+                token = sample_token(logits[row], greedy[row], seq)
+                if seq.params.logprobs is not None:
+                    seq.logprobs.append(token_logprob(torch.log_softmax(logits[row], dim=-1), token,
+                                                      seq.params.logprobs))
+                alive = self._advance(seq, token)
             except Exception as err:  # noqa: BLE001 - this row's fault: end this row only
                 log.warning("request %d failed: %s", seq.id, one_line(err), exc_info=not isinstance(err, LoraError))
                 alive = self._finish(seq, error=row_error(err))
@@ -419,7 +456,7 @@ class Engine:
         else:
             self.metrics.requests.labels(model, reason).inc()
             seq.sink(Event("done", finish_reason=reason, prompt_tokens=len(seq.prompt),
-                           completion_tokens=len(seq.generated)))
+                           completion_tokens=len(seq.generated), logprobs=list(seq.logprobs)))
         return False
 
     def _fail_all(self, error: Exception):
@@ -449,6 +486,16 @@ def row_error(err: Exception) -> GenerationFailed:
 GREEDY_BELOW = 1e-4
 
 
+def sample_seed(seed: int | None, sample: int) -> int | None:
+    """The seed of sample `sample` of a request with `seed` (n > 1): sample 0 keeps the request's
+    seed (n = 1 gives the same text as the first of n), the others get distinct seeds derived
+    from it. None stays None (every sample draws its own random seed)."""
+    if seed is None or sample == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
 def sample_token(logits: torch.Tensor, greedy: int, seq: Sequence) -> int:
     """The next token of one row: greedy (argmax, given) for temperature ~0, else temperature +
     top-p sampling with the request's own generator (a seed makes it repeatable). Numerically
@@ -461,6 +508,25 @@ def sample_token(logits: torch.Tensor, greedy: int, seq: Sequence) -> int:
     scaled = (row - row.max()) / p.temperature  # <= 0 everywhere, 0 at the most likely token
     probs = top_p_filter(torch.softmax(scaled, dim=-1), p.top_p)
     return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+
+def token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s entry from one position's log-probabilities (vocab,), with the `top` best."""
+    best = {}
+    if top > 0:
+        values, ids = logprobs.topk(min(top, logprobs.numel()))
+        best = dict(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logprobs[token]), best)
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt: list[int], top: int) -> list[TokenLogprob]:
+    """Entries for every prompt token from the prefill logits of its positions (len(prompt), vocab):
+    position i predicts token i + 1; the first token has no prediction."""
+    if not torch.isfinite(logits).all():
+        raise LoraError("the model produced NaN or infinite logits for this prompt")
+    logprobs = torch.log_softmax(logits[:-1].float(), dim=-1).cpu()
+    return [TokenLogprob(prompt[0], None, None)] + [token_logprob(logprobs[i], token, top)
+                                                     for i, token in enumerate(prompt[1:])]
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -14,6 +14,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 1024
 MAX_PATH_CHARS = 4096
+MAX_CHOICES = 128  # choices in one request, prompts x n (each is a batch row)
+MAX_LOGPROBS = 20  # top tokens per position (vLLM's bound; OpenAI's is 5)
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed accepts
 
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
@@ -28,7 +30,9 @@ class FieldError(ValueError):
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
+    """A request body; a field this server does not know is refused (400 naming it), never ignored."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     @model_validator(mode="before")
     @classmethod
@@ -72,7 +76,7 @@ class _Sampling(_Body):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP_STRINGS)
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)  # samples per prompt
     stream: bool = False
     stream_options: dict | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens
@@ -85,8 +89,15 @@ class _Sampling(_Body):
         return bool((self.stream_options or {}).get("include_usage"))
 
 
+TokenIds = list[int]
+PROMPT_SHAPES = "the prompt must be a string, a list of strings, a list of token ids or a list of token-id lists"
+
+
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | TokenIds | list[TokenIds]
+    max_tokens: int | None = Field(None, ge=0)  # 0: with echo, score the prompt only
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class TextPart(_Body):
@@ -107,6 +118,40 @@ class ChatMessage(_Body):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise FieldError("top_logprobs", "top_logprobs requires logprobs: true")
+        return self
+
+    def top_count(self) -> int | None:
+        """Top tokens per generated token, or None when logprobs are off."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a `prompt` (special tokens added by default) or chat `messages`
+    (the chat template applied, with the assistant prompt by default)."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (vLLM's)
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise FieldError("prompt", "send either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(_Body):
+    model: str
+    tokens: list[int]
 
 
 class LoadLoraRequest(_Body):
@@ -136,18 +181,47 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion(rid: str, model: str, text: str, finish: str | None, use: dict | None) -> dict:
-    out = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-           "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+    return completions(rid, model, [completion_choice(0, text, finish, None)], use)
+
+
+def completions(rid: str, model: str, choices: list[dict], use: dict | None) -> dict:
+    out = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices}
     if use is not None:
         out["usage"] = use
     return out
 
 
-def chat_completion(rid: str, model: str, text: str, finish: str, use: dict) -> dict:
-    message = {"role": "assistant", "content": text}
+def completion_choice(index: int, text: str, finish: str | None, logprobs: dict | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def completion_logprobs(tokens: list[str], logprobs: list[float | None], top: list[dict[str, float] | None],
+                        start: int) -> dict:
+    """OpenAI's (legacy) completions logprobs: per token its text, logprob, top tokens and the
+    offset of its text in prompt + completion (`start`: where the first token begins)."""
+    offsets = []
+    for token in tokens:
+        offsets.append(start)
+        start += len(token)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def chat_completions(rid: str, model: str, choices: list[dict], use: dict) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-            "usage": use}
+            "choices": choices, "usage": use}
+
+
+def chat_choice(index: int, text: str, finish: str, logprobs: dict | None) -> dict:
+    message = {"role": "assistant", "content": text}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
+
+
+def chat_logprob(token: str, logprob: float, top: list[tuple[str, float]]) -> dict:
+    """One entry of a chat choice's `logprobs.content` (bytes: the token text's UTF-8)."""
+    def item(text: str, value: float) -> dict:
+        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+    return {**item(token, logprob), "top_logprobs": [item(text, value) for text, value in top]}
 
 
 def chat_chunk(rid: str, model: str, delta: dict, finish: str | None) -> dict:
