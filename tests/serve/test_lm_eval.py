@@ -78,3 +78,52 @@ def test_lm_eval_scores_through_the_server_as_in_process(tmp_path):
     assert served["results"][TASK]["acc,none"] == local["results"][TASK]["acc,none"]
     print(f"lm-eval: max per-choice |loglikelihood diff| = {max(diffs):.2e}, "
           f"acc = {served['results'][TASK]['acc,none']}")
+
+
+GEN_TASK = "loraforge_tiny_gen"
+
+
+def write_generate_task(root) -> str:
+    data = root / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": c[a]}) + "\n" for q, c, a in ITEMS))
+    (root / f"{GEN_TASK}.yaml").write_text(
+        f"task: {GEN_TASK}\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: generate_until\n"
+        "doc_to_text: \"{{question}}\"\n"
+        "doc_to_target: \"{{answer}}\"\n"
+        "generation_kwargs:\n  until: [\"<|im_end|>\"]\n  max_gen_toks: 8\n  do_sample: false\n  temperature: 0.0\n"
+        "metric_list:\n  - metric: exact_match\n")
+    return str(root)
+
+
+def generations(results: dict) -> dict[int, str]:
+    return {s["doc_id"]: s["resps"][0][0] for s in results["samples"][GEN_TASK]}
+
+
+def test_lm_eval_generate_until_is_the_same_through_completions_chat_and_in_process(tmp_path):
+    """Greedy generations of a generate_until task: local-completions == hf on the raw prompt, and
+    local-chat-completions == hf with the chat template applied."""
+    from lm_eval.tasks import TaskManager
+
+    paths = shared_setup()
+    task_dir = write_generate_task(tmp_path)
+    tasks = TaskManager(include_path=task_dir)
+
+    def run(model: str, model_args: dict, chat: bool) -> dict[int, str]:
+        return generations(lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[GEN_TASK], batch_size=1,
+                                                   log_samples=True, task_manager=tasks, apply_chat_template=chat))
+
+    state = build_state(str(paths["base"]), str(paths["adapters"]), max_batch=8, max_loaded=2, served_name="tiny-base")
+    common = {"model": ADAPTER, "tokenizer_backend": "huggingface", "tokenizer": str(paths["base"]),
+              "max_length": CONTEXT, "num_concurrent": 1, "max_retries": 1}
+    with ServerThread(create_app(state)) as server:
+        completions = run("local-completions", {**common, "base_url": f"{server.url}/v1/completions"}, chat=False)
+        chat = run("local-chat-completions", {**common, "base_url": f"{server.url}/v1/chat/completions"}, chat=True)
+    local = {"pretrained": str(paths["base"]), "peft": str(paths["adapters"] / ADAPTER), "device": "cpu",
+             "dtype": "float32", "max_length": CONTEXT}
+    assert completions == run("hf", local, chat=False)
+    assert chat == run("hf", local, chat=True)
+    assert len(completions) == len(ITEMS) and any(completions.values())

@@ -371,13 +371,15 @@ def test_smollm2_merged_and_adapter_gguf_generate_like_loraforge(tmp_path):
     from loraforge.core.ops import disabled
     from loraforge.models.embedded import DEFAULT_MODEL, ensure_default_model
     from loraforge.models.generate import generate_text
+    from loraforge.tools.merge import describe_merge
 
     model = AutoModelForCausalLM.from_pretrained(ensure_default_model()).eval()
     attach(model, LoraConfig(r=4, alpha=8.0, target_modules="all-linear"))
     randomize_adapters(model, seed=1, std=0.05)  # small: the text stays fluent, yet changes
     adapter = save_adapter(model, tmp_path / "adapter")
     merged = export_gguf(tmp_path / "merged.gguf", DEFAULT_MODEL, adapter, merged=True)
-    assert merged["tied"] and merged["dtype"] == "f32" and merged["notes"] == []
+    assert merged["tied"] and merged["dtype"] == "f32" and merged["merge"]["base_weights"] == "original"
+    assert merged["notes"] == [describe_merge(merged["merge"])] and merged["merge"]["kl"] < 1e-8
     lora = export_gguf(tmp_path / "adapter.gguf", DEFAULT_MODEL, adapter)
     assert any("Q4_1" in note and "dequantized" in note for note in lora["notes"])
     base = export_gguf(tmp_path / "base.gguf", DEFAULT_MODEL)
