@@ -168,6 +168,9 @@ PARSERS = {"chat": _parse_chat, "alpaca": _parse_alpaca, "completion": _parse_co
 def parse_record(record: dict, where: str = "record") -> Example:
     """Validate one JSON object and normalise it into an Example."""
     fmt = detect_format(record)
+    if "chosen" in record and "rejected" in record:
+        raise LoraError(f"{where}: a preference row (prompt, chosen, rejected): train on it with "
+                        f"--method dpo or --method orpo")
     if fmt is None:
         keys = ", ".join(sorted(record)) or "none"
         raise LoraError(f"{where}: no recognised format (keys: {keys}); expected {ACCEPTED}")

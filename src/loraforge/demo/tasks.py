@@ -7,11 +7,15 @@ learns in a few minutes of CPU training.
 - ``dates``: date reformatting into one fixed format.
   "Rewrite the date 2021-03-04 as day month year." -> ``4 March 2021``
 
+- ``extract`` pairs, for preference tuning (DPO / ORPO): the same prompts, chosen = the answer on
+  one line, rejected = the same JSON pretty-printed over several lines (a style, not a fact, to prefer).
+
 Everything is deterministic in ``seed``. Train and test never share an item: every task
 splits its item space (full names, calendar dates) into disjoint train and test halves by a
 stable hash, so the test set measures generalisation rather than recall.
 
     python -m loraforge.demo.tasks --out data/extract --task extract --n-train 2000 --n-test 100
+    python -m loraforge.demo.tasks --out data/prefs --pairs --n-train 400 --n-test 50
 """
 from __future__ import annotations
 
@@ -164,6 +168,18 @@ def make_examples(n: int, seed: int = 0, task: str = "extract", split: str = "al
     return out
 
 
+def pair_of(row: dict) -> dict:
+    """A preference row from an ``extract`` example: chosen one-line JSON, rejected the same
+    object pretty-printed (TRL's standard prompt / chosen / rejected form)."""
+    prompt, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+    return {"prompt": prompt, "chosen": answer, "rejected": json.dumps(json.loads(answer), indent=2)}
+
+
+def make_pairs(n: int, seed: int = 0, split: str = "all") -> list[dict]:
+    """n preference rows over the ``extract`` task's items (the same items as make_examples)."""
+    return [pair_of(row) for row in make_examples(n, seed, "extract", split)]
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
@@ -185,6 +201,16 @@ def write_splits(out_dir: str | Path, n_train: int = 2000, n_test: int = 100, se
     return paths
 
 
+def write_pair_splits(out_dir: str | Path, n_train: int = 400, n_test: int = 50, seed: int = 0) -> dict[str, Path]:
+    """``train.jsonl`` and ``test.jsonl`` of extract preference pairs (disjoint items) in out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
+    _write_jsonl(paths["train"], make_pairs(n_train, seed, "train"))
+    _write_jsonl(paths["test"], make_pairs(n_test, seed, "test"))
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loraforge.demo.tasks",
                                      description="write train.jsonl and test.jsonl of a demo task")
@@ -193,9 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-test", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pairs", action="store_true", help="extract preference pairs (prompt, chosen, rejected)")
     args = parser.parse_args(argv)
     try:
-        paths = write_splits(args.out, args.n_train, args.n_test, args.seed, args.task)
+        paths = (write_pair_splits(args.out, args.n_train, args.n_test, args.seed) if args.pairs
+                 else write_splits(args.out, args.n_train, args.n_test, args.seed, args.task))
     except LoraError as err:
         print(f"demotask: error: {err}", file=sys.stderr)
         return 2

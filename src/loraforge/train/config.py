@@ -20,6 +20,7 @@ from loraforge.models.embedded import DEFAULT_MODEL
 RECIPE_DIR = Path(__file__).parent / "recipes"
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-base")
 QUANTIZE = ("", "nf4", "int8")
+METHODS = ("sft", "dpo", "orpo")
 ARG_TYPES = {"int": int, "float": float, "str": str}
 
 
@@ -35,7 +36,7 @@ class TrainConfig:
     command-line flag (``add_arguments``). Defaults were chosen by experiment (README, "Defaults")."""
 
     model: str = setting(DEFAULT_MODEL, "base model: local transformers directory, hub id, or the embedded default")
-    data: str = setting("", "JSONL: chat, alpaca, prompt/completion or text rows")
+    data: str = setting("", "JSONL: chat, alpaca, prompt/completion or text rows; prompt/chosen/rejected for dpo, orpo")
     out: str = setting("", "output directory (adapter, metrics.jsonl, loss.png, checkpoints)")
     # adapter
     rank: int = setting(8, "LoRA rank r")
@@ -59,6 +60,10 @@ class TrainConfig:
     max_tokens: int = setting(256, "tokens in one packed row")
     max_len: int = setting(256, "an example is cut to this many tokens")
     train_on_prompt: bool = setting(False, "learn the prompt tokens too (default: the answer only)")
+    method: str = setting("sft", "objective: sft (answer NLL), dpo (Rafailov et al. 2023) or orpo (Hong et al. 2024)",
+                          choices=METHODS)
+    beta: float = setting(0.1, "DPO: beta, how far the policy may move from the reference (the adapter off)")
+    orpo_lambda: float = setting(0.1, "ORPO: lambda, the weight of the odds-ratio term (TRL's ORPOConfig.beta)")
     seed: int = setting(0, "seed of the adapter init, the data order and the validation split")
     # runtime
     precision: str = setting("auto", "auto | fp32 | bf16 (autocast) | bf16-base (frozen base stored in bf16)",
@@ -95,6 +100,12 @@ class TrainConfig:
                 errors.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio <= 1:
             errors.append(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.beta <= 0:
+            errors.append(f"beta must be > 0, got {self.beta}")
+        if self.orpo_lambda < 0:
+            errors.append(f"orpo_lambda must be >= 0, got {self.orpo_lambda}")
+        if self.method != "sft" and self.train_on_prompt:
+            errors.append(f"train_on_prompt applies to sft only: {self.method} compares the answers' log-probabilities")
         if self.max_len > self.max_tokens:
             errors.append(f"max_len ({self.max_len}) must not exceed max_tokens ({self.max_tokens})")
         return errors

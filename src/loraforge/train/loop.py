@@ -3,6 +3,7 @@
 The loss is summed over answer tokens and divided by the number of answer tokens in the whole
 optimizer step (all micro-batches, all processes), so gradient accumulation and data parallel
 training give the same update as one big batch. Logits are computed only where a label exists.
+`--method dpo | orpo` trains on preference pairs instead (train/preference.py: the objectives).
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ class Prepared:
 
 
 def prepare_data(cfg: TrainConfig, tokenizer) -> Prepared:
+    if cfg.method != "sft":
+        return prepare_pairs(cfg, tokenizer)
     examples = D.load_examples(cfg.data)
     train, val, note = D.train_val_split(examples, cfg.val_fraction, seed=cfg.seed)
     notes = [note] if note else []
@@ -50,6 +53,20 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> Prepared:
     val_rows = D.pack(D.encode_examples(val, tokenizer, cfg.train_on_prompt, cfg.max_len).pairs,
                       cfg.max_tokens) if val else []
     return Prepared(D.pack(encoded.pairs, cfg.max_tokens), val_rows, notes, len(examples))
+
+
+def prepare_pairs(cfg: TrainConfig, tokenizer) -> Prepared:
+    """Preference rows for dpo / orpo: one {"chosen", "rejected"} row per pair, not packed."""
+    from loraforge.data.pairs import encode_pairs, load_pairs
+
+    pairs = load_pairs(cfg.data)
+    train, val, note = D.train_val_split(pairs, cfg.val_fraction, seed=cfg.seed)
+    notes = [note] if note else []
+    train_rows, dropped = encode_pairs(train, tokenizer, cfg.max_len)
+    val_rows = encode_pairs(val, tokenizer, cfg.max_len)[0] if val else []
+    if dropped:
+        notes.append(f"max_len={cfg.max_len}: dropped {dropped} pair(s) whose chosen or rejected answer did not fit")
+    return Prepared(train_rows, val_rows, notes, len(pairs))
 
 
 def steps_per_epoch(cfg: TrainConfig, n_rows: int) -> int:
@@ -148,7 +165,26 @@ def to_device(batch: dict, device: torch.device, mask_dtype: torch.dtype) -> dic
 
 
 def train_step(model, micro_batches, optimizer, scheduler, cfg, ctx) -> dict:
-    """One optimizer step over this process's share of the micro-batches."""
+    """One optimizer step over this process's share of the micro-batches (SFT rows or preference pairs)."""
+    if cfg.method == "sft":
+        stats = sft_backward(model, micro_batches, ctx)
+    else:
+        from loraforge.train import preference
+
+        stats = preference.backward(model, micro_batches, cfg, ctx)
+    if not ctx.fsdp:  # FSDP2 reduce-scatters (averages) gradients itself; grad_factor undoes the mean
+        dist.all_reduce_grads(ctx.params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(ctx.params, cfg.max_grad_norm)
+    if not (math.isfinite(stats["loss"]) and math.isfinite(float(grad_norm))):
+        raise NonFiniteStep(stats["loss"], float(grad_norm))  # before the update: the adapter stays as it was
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {**stats, "grad_norm": float(grad_norm)}
+
+
+def sft_backward(model, micro_batches, ctx) -> dict:
+    """Forward and backward of the answer NLL, summed and divided by the step's answer tokens."""
     shards = [dist.shard(mb) for mb in micro_batches]
     batches = [D.collate(s, ctx.pad_id, windows=ctx.windows) for s in shards if s]
     n_tokens = dist.all_sum(sum(D.count_answer_tokens(b["labels"]) for b in batches))
@@ -159,18 +195,8 @@ def train_step(model, micro_batches, optimizer, scheduler, cfg, ctx) -> dict:
             loss = answer_loss_sum(model, batch)
         (loss * ctx.grad_factor / max(n_tokens, 1)).backward()
         loss_total += loss.detach()
-    if not ctx.fsdp:  # FSDP2 reduce-scatters (averages) gradients itself; grad_factor undoes the mean
-        dist.all_reduce_grads(ctx.params)
-    grad_norm = torch.nn.utils.clip_grad_norm_(ctx.params, cfg.max_grad_norm)
-    loss = dist.all_sum(float(loss_total)) / max(n_tokens, 1)
-    if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
-        raise NonFiniteStep(loss, float(grad_norm))  # before the update: the adapter stays as it was
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
     seen = dist.all_sum(sum(int(b["input_ids"].numel()) for b in batches))
-    return {"loss": loss, "tokens": seen,
-            "answer_tokens": n_tokens, "grad_norm": float(grad_norm)}
+    return {"loss": dist.all_sum(float(loss_total)) / max(n_tokens, 1), "tokens": seen, "answer_tokens": n_tokens}
 
 
 class NonFiniteStep(Exception):
@@ -346,9 +372,12 @@ def announce(run: Run):
     logger.info(format_report(parameter_report(run.model)))
     for note in data.notes:
         logger.info(f"note: {note}")
-    logger.info(f"{data.n_examples} examples -> {len(data.train_rows)} packed rows of <= {cfg.max_tokens} tokens"
-                f" (+{len(data.val_rows)} validation rows); {run.total} steps of {cfg.batch_size * cfg.grad_accum}"
-                f" rows; compute {run.ctx.autocast or torch.float32}; processes {dist.world_size()}"
+    unit = "pairs" if cfg.method != "sft" else "rows"
+    rows = f"{len(data.train_rows)} {cfg.method} pairs" if cfg.method != "sft" else \
+        f"{len(data.train_rows)} packed rows of <= {cfg.max_tokens} tokens"
+    logger.info(f"{data.n_examples} examples -> {rows}"
+                f" (+{len(data.val_rows)} validation {unit}); {run.total} steps of {cfg.batch_size * cfg.grad_accum}"
+                f" {unit}; compute {run.ctx.autocast or torch.float32}; processes {dist.world_size()}"
                 + (f"; from step {run.start}" if run.start else ""))
 
 
@@ -383,11 +412,20 @@ def one_step(run: Run, step: int) -> dict:
     record = {"step": step + 1, "loss": round(stats["loss"], 5), "lr": lr,
               "tokens": stats["tokens"], "step_s": round(elapsed, 4),
               "tokens_per_s": round(stats["tokens"] / elapsed, 1), "grad_norm": round(stats["grad_norm"], 4),
-              "peak_memory_mb": peak_memory_mb(run.ctx.device)}
+              "peak_memory_mb": peak_memory_mb(run.ctx.device), **stats.get("metrics", {})}
     every = run.cfg.eval_every
     if step + 1 == run.total or (every and (step + 1) % every == 0):
-        record["val_loss"] = validation_loss(run.model, run.data.val_rows, run.ctx, run.cfg.batch_size)
+        record.update(validation(run))
     return record
+
+
+def validation(run: Run) -> dict:
+    """The held-out figures of metrics.jsonl: val_loss (and val_pref_accuracy for dpo / orpo)."""
+    if run.cfg.method != "sft":
+        from loraforge.train.preference import validate
+
+        return validate(run.model, run.data.val_rows, run.cfg, run.ctx)
+    return {"val_loss": validation_loss(run.model, run.data.val_rows, run.ctx, run.cfg.batch_size)}
 
 
 def stopped_at(run: Run, step: int, bad: NonFiniteStep) -> str:
