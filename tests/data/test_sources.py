@@ -109,3 +109,33 @@ def test_csv_cells_are_text_and_a_wrong_type_in_parquet_names_the_row(tmp_path):
     where, record = read_records(tmp_path / "n.parquet")[0]
     with pytest.raises(LoraError, match=r"n.parquet row 0: 'completion' must be a string"):
         D.parse_record(record, where)
+
+
+def test_train_and_eval_read_every_format_from_the_command_line(tmp_path, capsys):
+    from cli_helpers import FAST
+    from factory import save_tiny_llama
+
+    from loraforge.cli import main
+
+    paths, model = write_all(tmp_path), save_tiny_llama(tmp_path / "model")
+    assert main(["train", "--model", str(model), "--data", str(paths["dict"]), "--split", "train", "--out",
+                 str(tmp_path / "run"), "--max-steps", "2", "--val-fraction", "0", *FAST]) == 0
+    assert main(["eval", "--model", str(model), "--adapter", str(tmp_path / "run"), "--data", str(paths["csv"]),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == len(ROWS)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--columns", "prompt=question"], "no column 'question' (columns: prompt, completion)"),
+    (["--split", "dev"], "only a save_to_disk directory has splits"),
+])
+def test_data_flag_mistakes_are_one_line_errors(tmp_path, capsys, flags, message):
+    from factory import save_tiny_llama
+
+    from loraforge.cli import main
+
+    paths = write_all(tmp_path)
+    assert main(["train", "--model", str(save_tiny_llama(tmp_path / "model")), "--data", str(paths["csv"]),
+                 "--out", str(tmp_path / "o"), *flags]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(lines) and message in lines[-1] and not (tmp_path / "o").exists()

@@ -95,3 +95,47 @@ def test_mlflow_local_store_reads_back(tmp_path):
     assert found.data.params == {"rank": "8", "lr": "0.001"} and found.info.status == "FINISHED"
     history = client.get_metric_history(found.info.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.0), (3, pytest.approx(2 / 3)), (4, 0.4)]
+
+
+def test_train_reports_to_tensorboard_and_mlflow_from_parquet_with_mapped_columns(tmp_path, capsys):
+    """The CLI end to end: a Parquet file with other column names, --columns, --report-to."""
+    pytest.importorskip("tensorboard")
+    mlflow = pytest.importorskip("mlflow")
+    datasets = pytest.importorskip("datasets")
+    import json
+
+    from cli_helpers import FAST
+    from factory import save_tiny_llama
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from loraforge.cli import main
+    from loraforge.demo.tasks import make_examples
+
+    rows = [{"question": r["messages"][0]["content"], "answer": r["messages"][1]["content"]}
+            for r in make_examples(24, seed=0, task="dates")]
+    datasets.Dataset.from_list(rows).to_parquet(tmp_path / "train.parquet")
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(save_tiny_llama(tmp_path / "model")), "--data", str(tmp_path / "train.parquet"),
+                 "--columns", "prompt=question,completion=answer", "--out", str(out), "--max-steps", "3",
+                 "--report-to", "tensorboard,mlflow", "--val-fraction", "0.2", *FAST]) == 0
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert [round(e.value, 4) for e in events.Scalars("train/loss")] == [round(r["loss"], 4) for r in logged]
+    assert len(events.Scalars("train/val_loss")) == 1
+    client = mlflow.MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+    (found,) = client.search_runs([client.get_experiment_by_name("loraforge").experiment_id])
+    assert [m.value for m in client.get_metric_history(found.info.run_id, "tokens_per_s")] == pytest.approx(
+        [r["tokens_per_s"] for r in logged])
+    assert found.data.params["columns"] == "prompt=question,completion=answer"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--report-to", "comet"], "unknown dashboard 'comet'"),
+    (["--columns", "prompt"], "is not NAME=COLUMN"),
+])
+def test_bad_reporting_and_column_flags_fail_before_the_model_loads(tmp_path, capsys, flags, message):
+    from loraforge.cli import main
+
+    assert main(["train", "--data", "d.jsonl", "--out", str(tmp_path / "o"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not (tmp_path / "o").exists()

@@ -177,15 +177,16 @@ def parse_record(record: dict, where: str = "record") -> Example:
     return PARSERS[fmt](record, where)
 
 
-def load_examples(path: str | Path) -> list[Example]:
-    """Read and validate a JSONL file; every row must share the first row's format."""
+def load_examples(path: str | Path, split: str = "", columns: dict[str, str] | None = None) -> list[Example]:
+    """Read and validate a data file (JSONL, JSON, CSV, Parquet or a save_to_disk directory:
+    data.sources); every row must share the first row's format."""
+    from loraforge.data.sources import read_records
+
     examples: list[Example] = []
-    first = 0
-    for lineno, record in _read_numbered(path):
-        ex = parse_record(record, f"{path} line {lineno}")
-        first = first or lineno
+    for where, record in read_records(path, split, columns):
+        ex = parse_record(record, where)
         if examples and ex.fmt != examples[0].fmt:
-            raise LoraError(f"{ex.where}: row is in {ex.fmt} format but line {first} is in "
+            raise LoraError(f"{ex.where}: row is in {ex.fmt} format but {examples[0].where} is in "
                             f"{examples[0].fmt} format; use one format per file")
         examples.append(ex)
     return examples

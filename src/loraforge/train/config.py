@@ -36,7 +36,10 @@ class TrainConfig:
     command-line flag (``add_arguments``). Defaults were chosen by experiment (README, "Defaults")."""
 
     model: str = setting(DEFAULT_MODEL, "base model: local transformers directory, hub id, or the embedded default")
-    data: str = setting("", "JSONL: chat, alpaca, prompt/completion or text rows; prompt/chosen/rejected for dpo, orpo")
+    data: str = setting("", "data file (JSONL, JSON array, CSV, Parquet) or a datasets save_to_disk directory: chat, "
+                            "alpaca, prompt/completion or text rows; prompt/chosen/rejected for dpo, orpo")
+    split: str = setting("", "split of a save_to_disk DatasetDict (default: train)")
+    columns: str = setting("", "read other column names as the formats' keys, e.g. prompt=question,completion=answer")
     out: str = setting("", "output directory (adapter, metrics.jsonl, loss.png, checkpoints)")
     # adapter
     rank: int = setting(8, "LoRA rank r")
@@ -78,6 +81,8 @@ class TrainConfig:
     nproc: int = setting(1, "data-parallel processes (torch.distributed)")
     fsdp: bool = setting(False, "FSDP2 (fully_shard per decoder block) on CUDA, with --nproc > 1")
     progress: bool = setting(True, "progress bar", flag="--no-progress")
+    report_to: str = setting("none", "dashboards besides metrics.jsonl and loss.png: none, or a comma list of "
+                                     "tensorboard, wandb (offline), mlflow (local store)")
 
     def problems(self) -> list[str]:
         errors = [f"{f.name} must be a finite number, got {getattr(self, f.name)}" for f in fields(self)

@@ -34,6 +34,20 @@ def parse_report_to(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+            "mlflow": ("mlflow", "mlflow-skinny")}  # dashboard: (module, the package that installs it)
+
+
+def check_available(names: list[str]):
+    """Before training: every dashboard asked for can be imported (a one-line error otherwise)."""
+    import importlib.util
+
+    for name in names:
+        module, package = PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            raise LoraError(f"--report-to {name} needs the {package!r} package: pip install {package}")
+
+
 def _require(module: str, package: str):
     try:
         return importlib.import_module(module)
@@ -49,6 +63,7 @@ def series(record: dict) -> dict[str, float]:
 
 class TensorBoardReporter:
     def __init__(self, out: Path, settings: dict):
+        _require("tensorboard", "tensorboard")
         tensorboard = _require("torch.utils.tensorboard", "tensorboard")
         self.writer = tensorboard.SummaryWriter(log_dir=str(out / "tensorboard"))
         self.writer.add_text("settings", "\n".join(f"    {k}: {v}" for k, v in settings.items()))
@@ -72,7 +87,10 @@ class WandbReporter:
         self.run.log(series(record), step=record["step"])
 
     def close(self):
+        import wandb
+
         self.run.finish()
+        wandb.teardown()  # wait for wandb's service process to write the run out to disk
 
 
 class MlflowReporter:

@@ -7,6 +7,7 @@ training give the same update as one big batch. Logits are computed only where a
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -44,15 +45,29 @@ class Prepared:
 def prepare_data(cfg: TrainConfig, tokenizer) -> Prepared:
     if cfg.method != "sft":
         return prepare_pairs(cfg, tokenizer)
-    examples = D.load_examples(cfg.data)
+    from loraforge.data.sources import parse_columns
+
+    examples = D.load_examples(cfg.data, cfg.split, parse_columns(cfg.columns))
     train, val, note = D.train_val_split(examples, cfg.val_fraction, seed=cfg.seed)
     notes = [note] if note else []
+    notes += [f"warning: {w}" for w in D.stop_notes(train, tokenizer, stop_token_ids(cfg, tokenizer), cfg.max_len)]
     encoded = D.encode_examples(train, tokenizer, cfg.train_on_prompt, cfg.max_len)
     if encoded.note():
         notes.append(encoded.note())
     val_rows = D.pack(D.encode_examples(val, tokenizer, cfg.train_on_prompt, cfg.max_len).pairs,
                       cfg.max_tokens) if val else []
     return Prepared(D.pack(encoded.pairs, cfg.max_tokens), val_rows, notes, len(examples))
+
+
+def stop_token_ids(cfg: TrainConfig, tokenizer) -> set[int]:
+    """The token ids generation stops at: the model's generation_config eos (one id or a list),
+    else the tokenizer's eos."""
+    from loraforge.models.loading import resolve_model_path
+
+    path = Path(resolve_model_path(cfg.model)) / "generation_config.json"
+    eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    eos = tokenizer.eos_token_id if eos is None else eos
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
 def prepare_pairs(cfg: TrainConfig, tokenizer) -> Prepared:
@@ -250,6 +265,11 @@ def preflight(cfg: TrainConfig):
         raise LoraError("no training data: pass --data FILE.jsonl")
     if not cfg.out:
         raise LoraError("no output directory: pass --out DIR")
+    from loraforge.data.sources import parse_columns
+    from loraforge.train.dashboards import check_available, parse_report_to
+
+    parse_columns(cfg.columns)
+    check_available(parse_report_to(cfg.report_to))
     check_output_everywhere(Path(cfg.out), need_bytes=0)
     if cfg.fsdp and not (torch.cuda.is_available() and dist.world_size() > 1):
         raise LoraError("--fsdp shards the model over several GPUs: it needs CUDA and --nproc > 1")
@@ -307,6 +327,7 @@ def train(cfg: TrainConfig) -> dict:
         save_adapter(run.model, run.out, write=dist.is_main())
     if dist.is_main():
         run.log.plot(run.out / "loss.png")
+    run.log.close()
     dist.barrier()
     return summary
 
@@ -316,6 +337,14 @@ def _remove_if_empty(path: Path):
         path.rmdir()
     except OSError:
         pass  # not empty (or already gone): keep what is there
+
+
+def open_dashboards(cfg: TrainConfig, out: Path) -> list:
+    """The --report-to reporters (main process only)."""
+    from loraforge.train.dashboards import open_reporters, parse_report_to
+
+    names = parse_report_to(cfg.report_to)
+    return open_reporters(names, out, dataclasses.asdict(cfg)) if names and dist.is_main() else []
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -338,7 +367,7 @@ def setup(cfg: TrainConfig) -> Run:
     warmup = int(cfg.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
     start = resume_state(cfg, out, model, optimizer, scheduler, total)
-    log = MetricsLog(out, enabled=dist.is_main(), append=start > 0)
+    log = MetricsLog(out, enabled=dist.is_main(), append=start > 0, reporters=open_dashboards(cfg, out))
     log.truncate(start)
     return Run(cfg, model, optimizer, scheduler, prepared, ctx, log, out, start, total)
 
