@@ -127,3 +127,31 @@ def test_lm_eval_generate_until_is_the_same_through_completions_chat_and_in_proc
     assert completions == run("hf", local, chat=False)
     assert chat == run("hf", local, chat=True)
     assert len(completions) == len(ITEMS) and any(completions.values())
+
+
+@pytest.mark.slow
+def test_lm_eval_through_the_server_on_the_embedded_model(tmp_path):
+    """The same equality on the embedded SmolLM2-135M-Instruct with an adapter saved by PEFT."""
+    from factory import randomize_adapters
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from loraforge.models import ensure_default_model, load_model
+
+    base = ensure_default_model()
+    peft_model = get_peft_model(load_model(base, dtype="float32"),
+                                PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(peft_model, seed=2, std=0.02)
+    peft_model.save_pretrained(str(tmp_path / "adapters" / "smol"))
+    task_dir = write_task(tmp_path)
+    state = build_state(str(base), str(tmp_path / "adapters"), max_batch=8, max_loaded=2, served_name="smol-base",
+                        dtype="float32")
+    with ServerThread(create_app(state)) as server:
+        served = evaluate(task_dir, "local-completions", {
+            "base_url": f"{server.url}/v1/completions", "model": "smol", "tokenizer_backend": "huggingface",
+            "tokenizer": str(base), "max_length": 512, "num_concurrent": 1, "max_retries": 1})
+    local = evaluate(task_dir, "hf", {"pretrained": str(base), "peft": str(tmp_path / "adapters" / "smol"),
+                                      "device": "cpu", "dtype": "float32", "max_length": 512})
+    got, want = loglikelihoods(served), loglikelihoods(local)
+    assert max(abs(a - b) for doc in want for a, b in zip(got[doc], want[doc], strict=True)) < 1e-4
+    assert served["results"][TASK]["acc,none"] == local["results"][TASK]["acc,none"]
