@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -93,8 +93,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="lm-eval-serve-"))
     if args.adapter:
-        (root / "adapters").mkdir()
-        os.symlink(Path(args.adapter).resolve(), root / "adapters" / "demo")
+        # a copy: the server refuses files that resolve outside its adapters directory
+        shutil.copytree(args.adapter, root / "adapters" / "demo", ignore=shutil.ignore_patterns("checkpoints"))
     else:
         train_adapter(root, args.steps)
     task_dir, port = write_task(root / "task", args.limit), free_port()

@@ -94,7 +94,7 @@ def test_data_that_is_not_a_file(tmp_path, capsys, model_dir, where):
     if where == "directory":
         data.mkdir()
     line = fails(capsys, "train", "--model", model_dir, "--data", data, "--out", tmp_path / "out", *FAST)
-    assert ("no such data file" if where == "missing" else "not a file") in line
+    assert ("no such data file" if where == "missing" else "not a dataset saved with save_to_disk") in line
 
 
 @pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--alpha", "nan"), ("--alpha=-inf", None),
