@@ -65,3 +65,28 @@ def one_line_error(stderr: str) -> str:
     assert "Traceback" not in stderr, stderr
     assert len(lines) == 1, stderr
     return lines[0]
+
+
+def kill_at_first_checkpoint(argv: list, out: Path, poll: float = 0.005) -> int:
+    """Start `loraforge *argv` as a subprocess, kill -9 it as soon as its first checkpoint is
+    complete, and return the step of the newest complete checkpoint left behind."""
+    import signal
+    import time
+
+    from loraforge.train.checkpoint import find_latest
+
+    process = subprocess.Popen(command(*argv), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (Path(out) / "checkpoints" / "latest").exists():
+            assert process.poll() is None, f"training ended before its first checkpoint: {process.stderr.read()}"
+            assert time.monotonic() < deadline, "no checkpoint after 180 s"
+            time.sleep(poll)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    assert not (Path(out) / "adapter_model.safetensors").exists(), "the run finished before it could be killed"
+    return int(find_latest(out).name.removeprefix("step-"))

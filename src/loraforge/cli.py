@@ -201,17 +201,16 @@ def add_serve(sub):
 
 def add_export(sub):
     p = sub.add_parser("export", help="write an adapter, a merged model or the base as GGUF (llama.cpp, Ollama)")
-    _model_flag(p)
     p.add_argument("--adapter", default=None, help="adapter directory (omit to export the base model alone)")
+    _model_flag(p)
     p.add_argument("--format", default="gguf", choices=["gguf"], help="output format")
-    p.add_argument("--out", required=True, help="output .gguf file")
     p.add_argument("--merged", action="store_true", help="fold the adapter into the base: one standalone model")
     p.add_argument("--dtype", default="f32", help="f32 | f16 | bf16 | q8_0 (q8_0: model files only)")
     p.add_argument("--ollama", action="store_true", help="also write a Modelfile next to --out")
     _base_weights_flag(p)
     p.add_argument("--base-gguf", dest="base_gguf", default=None,
                    help="with --ollama and an adapter: the base GGUF to name in FROM (default: export it)")
-    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    _output_flags(p, "output .gguf file")
     p.set_defaults(func=_run("tools.export:cli_export"))
 
 

@@ -4,10 +4,6 @@ and --resume, and bad pair rows as one-line errors naming the file and line."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -15,8 +11,7 @@ from cli_helpers import (
     FAST,
     adapter_tensors,
     assert_same_adapter,
-    command,
-    env,
+    kill_at_first_checkpoint,
     metrics,
     one_line_error,
     run_cli,
@@ -24,7 +19,6 @@ from cli_helpers import (
 
 from loraforge.cli import main
 from loraforge.demo.tasks import write_pair_splits
-from loraforge.train.checkpoint import find_latest
 
 STEPS = 30  # long enough that a run can be killed between its first checkpoint and its end
 PREFERENCE_KEYS = {"loss", "reward_margin", "pref_accuracy", "logps_chosen", "logps_rejected", "lr", "tokens_per_s",
@@ -68,22 +62,7 @@ def test_dpo_writes_an_adapter_and_preference_metrics(reference):
 
 def test_kill_9_then_resume_gives_the_uninterrupted_dpo_adapter(reference, base, pairs, tmp_path, capsys):
     out = tmp_path / "run"
-    process = subprocess.Popen(command(*dpo_args(base, pairs["train"], out, "--save-every", 2)), env=env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not (out / "checkpoints" / "latest").exists():
-            assert process.poll() is None, f"training ended before its first checkpoint: {process.stderr.read()}"
-            assert time.monotonic() < deadline, "no checkpoint after 180 s"
-            time.sleep(0.005)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait(timeout=30)
-        process.stderr.close()
-    assert process.returncode == -signal.SIGKILL
-    assert not (out / "adapter_model.safetensors").exists(), "the run finished before it could be killed"
-    stopped_at = int(find_latest(out).name.removeprefix("step-"))
+    stopped_at = kill_at_first_checkpoint(dpo_args(base, pairs["train"], out, "--save-every", 2), out)
     assert 2 <= stopped_at < STEPS
 
     assert main(dpo_args(base, pairs["train"], out, "--save-every", 2, "--resume")) == 0

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 import shutil
-import signal
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cli_helpers import (FAST, adapter_tensors, assert_same_adapter, command, env, metrics, one_line_error,
+from cli_helpers import (FAST, kill_at_first_checkpoint, adapter_tensors, assert_same_adapter, metrics, one_line_error,
                            run_cli, write_data)
 from transformers import AutoModelForCausalLM
 
@@ -106,22 +103,7 @@ def test_same_seed_gives_the_same_adapter(reference, base, data, tmp_path):
 
 def test_kill_9_then_resume_gives_the_uninterrupted_adapter(reference, base, data, tmp_path, capsys):
     out = tmp_path / "run"
-    process = subprocess.Popen(command(*train_args(base, data["train"], out, "--save-every", 2)), env=env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not (out / "checkpoints" / "latest").exists():
-            assert process.poll() is None, f"training ended before its first checkpoint: {process.stderr.read()}"
-            assert time.monotonic() < deadline, "no checkpoint after 180 s"
-            time.sleep(0.01)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait(timeout=30)
-        process.stderr.close()
-    assert process.returncode == -signal.SIGKILL
-    assert not (out / "adapter_model.safetensors").exists(), "the run finished before it could be killed"
-    stopped_at = int(find_latest(out).name.removeprefix("step-"))
+    stopped_at = kill_at_first_checkpoint(train_args(base, data["train"], out, "--save-every", 2), out, poll=0.01)
     assert 2 <= stopped_at < STEPS
 
     assert main(train_args(base, data["train"], out, "--save-every", 2, "--resume")) == 0
