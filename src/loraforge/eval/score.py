@@ -10,18 +10,24 @@ import torch.nn.functional as F
 from loraforge import data as D
 
 
-def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed cross-entropy over label positions. Runs the decoder, then the output head only
-    on the positions that have a label: for chat data most positions are prompt, and the head
-    (vocab x hidden) is the largest matmul of a small model."""
-    labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, targets, where) at the label positions only: runs the decoder, then the output
+    head only where a label exists. For chat data most positions are prompt, and the head
+    (vocab x hidden) is the largest matmul of a small model. logits (n, vocab) float32, targets
+    (n,), where (B, T-1) the mask of those positions (token t+1 is predicted at position t)."""
+    labels = batch["labels"][:, 1:]  # (B, T-1)
     where = labels != D.IGNORE_INDEX
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                       position_ids=batch["position_ids"], use_cache=False).last_hidden_state
     picked = hidden[:, :-1][where]  # (n_answer_tokens, hidden)
-    logits = model.get_output_embeddings()(picked).float()  # (n, vocab)
-    return F.cross_entropy(logits, labels[where], reduction="sum")
+    return model.get_output_embeddings()(picked).float(), labels[where], where
+
+
+def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy over label positions."""
+    logits, targets, _ = answer_logits(model, batch)
+    return F.cross_entropy(logits, targets, reduction="sum")
 
 
 @torch.no_grad()

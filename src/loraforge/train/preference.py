@@ -24,21 +24,17 @@ import torch.nn.functional as F
 from loraforge import data as D
 from loraforge.core.ops import disabled
 from loraforge.data.pairs import pair_rows
+from loraforge.eval.score import answer_logits
 from loraforge.train import distributed as dist
 from loraforge.train.loop import Context, to_device
 
 
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(answer | prompt) summed over each row's answer tokens (N,), answer tokens per row (N,))."""
-    labels = batch["labels"][:, 1:]  # (N, T-1): token t+1 is predicted at position t
-    where = labels != D.IGNORE_INDEX
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                      position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[:, :-1][where]).float()  # (n_answer_tokens, vocab)
-    token_logps = logits.log_softmax(-1).gather(-1, labels[where][:, None])[:, 0]  # (n,)
+    logits, targets, where = answer_logits(model, batch)  # (n, vocab), (n,), (N, T-1)
+    token_logps = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]  # (n,)
     rows = where.nonzero()[:, 0]  # (n,) the row of each answer token, in the same row-major order
-    sums = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=labels.device).index_add(0, rows, token_logps)
+    sums = torch.zeros(where.shape[0], dtype=token_logps.dtype, device=where.device).index_add(0, rows, token_logps)
     return sums, where.sum(1)
 
 
