@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
 from loraforge import LoraError, one_line
 
 DATASETS_FORMATS = {".csv": "csv", ".parquet": "parquet"}
@@ -107,7 +105,7 @@ def _through_datasets(path: Path, fmt: str) -> list[tuple[str, dict]]:
         raise LoraError(f"{path}: cannot be read as {fmt.upper()} ({one_line(err)})") from None
     header = 2 if fmt == "csv" else 0  # CSV: the header is line 1, row 0 is line 2
     where = "line" if fmt == "csv" else "row"
-    return [(f"{path} {where} {i + header}", _plain(row)) for i, row in enumerate(table)]
+    return [(f"{path} {where} {i + header}", dict(row)) for i, row in enumerate(table)]
 
 
 def _csv_as_text(path: Path, datasets) -> dict:
@@ -135,11 +133,7 @@ def _from_disk(path: Path, split: str) -> list[tuple[str, dict]]:
         raise LoraError(f"--split {split!r}: {path} holds one dataset without splits")
     else:
         label = str(path)
-    return [(f"{label} row {i}", _plain(row)) for i, row in enumerate(data)]
-
-
-def _plain(row: Any) -> dict:
-    return dict(row)
+    return [(f"{label} row {i}", dict(row)) for i, row in enumerate(data)]
 
 
 def _datasets():

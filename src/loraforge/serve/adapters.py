@@ -315,14 +315,14 @@ def read_factors(model: nn.Module, path: Path) -> dict[LoraLayer, tuple[torch.Te
                 raise LoraError(f"LoRA on embeddings ({module_name}) is not served unmerged; use --merge")
             A, B = layer.factors(SCRATCH)
             scaling = layer.scaling[SCRATCH]
-            check_finite(module_name, A, B, scaling)
+            check_factors(module_name, A, B, scaling)
             factors[layer] = (A.detach().clone(), B.detach().clone(), scaling)
         return factors
     finally:
         delete_adapter(model, SCRATCH)
 
 
-def check_finite(module_name: str, A: torch.Tensor, B: torch.Tensor, scaling: float):
+def check_factors(module_name: str, A: torch.Tensor, B: torch.Tensor, scaling: float):
     """Refuse factors holding NaN or infinity (a diverged run), also after scaling: they would
     turn every output of the adapter into garbage."""
     if not math.isfinite(scaling):

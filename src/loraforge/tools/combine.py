@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from loraforge import LoraError, format_bytes
-from loraforge.core.io import write_adapter_dir
-from loraforge.tools.factors import Adapter, Update, check_out, common_rank, factor_tensors, load, with_ranks
+from loraforge.core.io import check_apart, write_adapter_dir
+from loraforge.tools.factors import Adapter, Update, common_rank, factor_tensors, load, with_ranks
 from loraforge.core.lowrank import concat_factors, energy_kept, factored_norm, factored_svd, split_factors
 
 METHODS = ("cat", "svd", "ties", "dare")
@@ -144,7 +144,7 @@ def combine_adapters(paths: list[str | Path], out: str | Path, weights: list[flo
     check_request(paths, weights, method, rank, density)
     weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
     adapters = [load(p) for p in paths]
-    check_out(out, [a.path for a in adapters])
+    check_apart(out, [a.path for a in adapters])
     check_compatible(adapters, allow_different_targets)
     generator = torch.Generator().manual_seed(seed)
     results = {}

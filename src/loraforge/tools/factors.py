@@ -15,7 +15,7 @@ import torch
 
 from loraforge import LoraError
 from loraforge.core.config import LoraConfig, exact_patterns, lora_scaling
-from loraforge.core.io import CONFIG_NAME, WEIGHTS_NAME, check_apart, group_by_module, read_adapter
+from loraforge.core.io import CONFIG_NAME, WEIGHTS_NAME, group_by_module, read_adapter
 
 
 @dataclass
@@ -109,10 +109,6 @@ def with_ranks(raw: dict, ranks: dict[str, int], **changes) -> dict:
     as exact-name entries in rank_pattern (PEFT matches keys as regexes on the module name)."""
     r = common_rank(ranks)
     return {**raw, **changes, "r": r, "rank_pattern": exact_patterns(ranks, r)}
-
-
-def check_out(out: str | Path, sources: list[Path]):
-    check_apart(out, sources)
 
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from loraforge import LoraError, format_bytes
-from loraforge.core.io import write_adapter_dir
-from loraforge.tools.factors import check_out, factor_tensors, load, scaling_at, with_ranks
+from loraforge.core.io import check_apart, write_adapter_dir
+from loraforge.tools.factors import factor_tensors, load, scaling_at, with_ranks
 from loraforge.core.lowrank import energy_kept, energy_rank, factored_svd, split_factors
 
 DORA_NOTE = ("DoRA: magnitude vectors kept as they were; below full rank the direction W + dW' differs "
@@ -51,7 +51,7 @@ def resize_adapter(path: str | Path, out: str | Path, rank: int | None = None,
     """Write the resized adapter to `out`; return per-module ranks, energy kept and file sizes."""
     check_request(rank, energy)
     adapter = load(path)
-    check_out(out, [adapter.path])
+    check_apart(out, [adapter.path])
     tensors, ranks, rows = dict(adapter.other), {}, []
     with torch.no_grad():
         for name, update in adapter.updates.items():
