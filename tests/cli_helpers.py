@@ -19,8 +19,9 @@ from loraforge.demo.tasks import write_splits
 hf_logging.disable_progress_bar()  # "Loading weights" bars on stderr would hide what the tests check
 
 # The settings most tests train with: float32 (exact comparisons), a high learning rate, two
-# packed rows (about four examples) per step so that a step is quick, no progress bar.
-FAST = ["--precision", "fp32", "--lr", "0.02", "--batch-size", "2", "--seed", "0", "--no-progress"]
+# packed rows (about four examples) per step so that a step is quick, no progress bar, every step
+# run (early stopping off: tests/train/test_early_stop.py covers it).
+FAST = ["--precision", "fp32", "--lr", "0.02", "--batch-size", "2", "--seed", "0", "--no-progress", "--patience", "0"]
 
 
 def write_data(out: Path, n_train: int = 60, n_test: int = 8) -> dict[str, Path]:

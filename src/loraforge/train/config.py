@@ -75,7 +75,10 @@ class TrainConfig:
     gradient_checkpointing: bool = setting(False, "recompute activations in backward (less memory, slower)")
     quantize: str = setting("", "4-bit / 8-bit frozen base (QLoRA)", choices=QUANTIZE)
     save_every: int = setting(50, "checkpoint every N steps (0: only at the end)")
-    eval_every: int = setting(0, "validation loss every N steps (0: at the end only)")
+    eval_every: int = setting(0, "validation loss every N steps (0: at the end, and ~12 times a run for early stopping)")
+    patience: int = setting(3, "early stopping: stop after this many validations without improvement and keep the "
+                               "best adapter (0: off, train every step)")
+    min_delta: float = setting(0.01, "early stopping: an improvement lowers the best validation loss by more than this")
     val_fraction: float = setting(0.05, "fraction of the rows held out for validation")
     resume: bool = setting(False, "continue from the last checkpoint in --out")
     nproc: int = setting(1, "data-parallel processes (torch.distributed)")
@@ -97,7 +100,7 @@ class TrainConfig:
             allowed = f.metadata["choices"]
             if allowed and getattr(self, f.name) not in allowed:
                 errors.append(f"{f.name} must be {_one_of(allowed)}, got {getattr(self, f.name)!r}")
-        for name in ("max_steps", "save_every", "eval_every"):
+        for name in ("max_steps", "save_every", "eval_every", "patience", "min_delta"):
             if getattr(self, name) < 0:
                 errors.append(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("dropout", "val_fraction"):

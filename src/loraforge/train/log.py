@@ -15,7 +15,7 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
-def _read_records(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[dict]:
     """The records of a metrics.jsonl; a line cut short by a killed process is dropped."""
     records = []
     for line in path.read_text().splitlines():
@@ -36,7 +36,7 @@ class MetricsLog:
         self.reporters = reporters or []
         self.records: list[dict] = []
         if enabled and append and self.path.exists():
-            self.records = _read_records(self.path)
+            self.records = read_records(self.path)
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))

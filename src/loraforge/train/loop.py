@@ -25,10 +25,12 @@ from loraforge.train.checkpoint import find_latest, load_checkpoint, save_checkp
 from loraforge.core.config import LoraConfig, parse_targets
 from loraforge.eval.score import answer_loss_sum, rows_loss
 from loraforge.core.io import atomic_write_bytes, save_adapter
-from loraforge.train.log import MetricsLog, peak_memory_mb
+from loraforge.train.log import MetricsLog, peak_memory_mb, read_records
 from loraforge.core.ops import adapter_params, attach, format_report, parameter_report
 from loraforge.models import load_model, load_tokenizer, pick_device
 from loraforge.train.config import TrainConfig, dump
+from loraforge.train import early_stop
+from loraforge.train.early_stop import EarlyStopping
 
 logger = logging.getLogger(__name__)
 
@@ -304,6 +306,8 @@ class Run:
     out: Path
     start: int
     total: int
+    early: EarlyStopping
+    eval_every: int  # steps between validations (0: at the last step only)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -369,7 +373,19 @@ def setup(cfg: TrainConfig) -> Run:
     start = resume_state(cfg, out, model, optimizer, scheduler, total)
     log = MetricsLog(out, enabled=dist.is_main(), append=start > 0, reporters=open_dashboards(cfg, out))
     log.truncate(start)
-    return Run(cfg, model, optimizer, scheduler, prepared, ctx, log, out, start, total)
+    early = early_stopping(cfg, prepared, out, start)
+    return Run(cfg, model, optimizer, scheduler, prepared, ctx, log, out, start, total, early,
+               early_stop.eval_interval(cfg.eval_every, total, early.enabled))
+
+
+def early_stopping(cfg: TrainConfig, prepared: Prepared, out: Path, start: int) -> EarlyStopping:
+    """Early stopping as configured (off without validation rows, and under FSDP, whose sharded
+    adapter is gathered only at the end); on resume, the state the interrupted run had reached."""
+    patience = cfg.patience if prepared.val_rows and not cfg.fsdp else 0
+    early = EarlyStopping(patience, cfg.min_delta)
+    if start and early.enabled:
+        early.replay([r for r in read_records(out / "metrics.jsonl") if r.get("step", 0) <= start])
+    return early
 
 
 def drop_stale_checkpoints(out: Path):
@@ -416,16 +432,47 @@ def run_steps(run: Run) -> dict:
     cfg = run.cfg
     bar = tqdm(total=run.total, initial=run.start, disable=not (cfg.progress and dist.is_main()), unit="step",
                dynamic_ncols=True)
-    record = {}
+    record, done = {}, run.start
     for step in range(run.start, run.total):
+        if run.early.should_stop:  # a resumed run that had already stopped
+            break
         record = one_step(run, step)
+        done = step + 1
         run.log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < run.total and dist.is_main():
-            save_checkpoint(run.out, step + 1, run.model, run.optimizer, run.scheduler)
+        watch_validation(run, done, record)
+        if cfg.save_every and done % cfg.save_every == 0 and done < run.total and dist.is_main():
+            save_checkpoint(run.out, done, run.model, run.optimizer, run.scheduler)
+            early_stop.prune_best(run.out, done)
     bar.close()
-    return {"steps": run.total, "final_loss": record.get("loss"), "out": str(run.out), **run.log.summary()}
+    return {"steps": done, **keep_best(run, done), "final_loss": record.get("loss"), "out": str(run.out),
+            **run.log.summary()}
+
+
+def watch_validation(run: Run, step: int, record: dict):
+    """Early stopping's bookkeeping after step `step`: save a new best adapter, note a stop."""
+    if not run.early.enabled or "val_loss" not in record:
+        return
+    if run.early.update(step, record["val_loss"]) and dist.is_main():
+        early_stop.save_best(run.out, step, run.model)
+    if run.early.should_stop and dist.is_main():
+        logger.info(f"note: {run.early.reason(step)}")
+
+
+def keep_best(run: Run, last: int) -> dict:
+    """Put the best evaluation's adapter back into the model (the one train() writes)."""
+    early = run.early
+    if not early.enabled or not early.best_step:
+        return {}
+    if early.best_step != last and dist.is_main():
+        early_stop.restore_best(run.out, early.best_step, run.model)
+        if not early.should_stop:
+            logger.info(f"note: keeping the adapter of step {early.best_step}, the best validation loss "
+                        f"({early.best:.4f}); --patience 0 keeps the last step's")
+    if dist.is_main():
+        early_stop.drop_best(run.out)
+    return {"best_step": early.best_step, "best_val_loss": early.best, "stopped_early": early.should_stop}
 
 
 def one_step(run: Run, step: int) -> dict:
@@ -442,7 +489,7 @@ def one_step(run: Run, step: int) -> dict:
               "tokens": stats["tokens"], "step_s": round(elapsed, 4),
               "tokens_per_s": round(stats["tokens"] / elapsed, 1), "grad_norm": round(stats["grad_norm"], 4),
               "peak_memory_mb": peak_memory_mb(run.ctx.device), **stats.get("metrics", {})}
-    every = run.cfg.eval_every
+    every = run.eval_every
     if step + 1 == run.total or (every and (step + 1) % every == 0):
         record.update(validation(run))
     return record
@@ -476,6 +523,9 @@ def cli_train(args) -> int:
         return dist.launch(cfg.nproc, dump(cfg))
     summary = train(cfg)
     if dist.is_main():
-        print(f"adapter written to {summary['out']} ({summary['steps']} steps, final loss {summary['final_loss']:.4f})")
+        kept = f"; kept step {summary['best_step']}'s adapter, val loss {summary['best_val_loss']:.4f}" \
+            if summary.get("best_step") else ""
+        print(f"adapter written to {summary['out']} ({summary['steps']} steps, final loss "
+              f"{summary['final_loss']:.4f}{kept})")
     return 0
 

@@ -1,0 +1,130 @@
+"""Early stopping (on by default): the stop decision read back from metrics.jsonl, the adapter of
+the best evaluation kept, exact resume after kill -9 in the middle of it, and its bad settings."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from cli_helpers import FAST, adapter_tensors, kill_at_first_checkpoint, metrics, one_line_error, run_cli
+
+from loraforge.core.ops import adapter_params
+from loraforge.train import early_stop
+from loraforge.train import loop as T
+from loraforge.train.config import resolve
+from loraforge.train.early_stop import EarlyStopping, eval_interval
+
+assert FAST[-2:] == ["--patience", "0"]
+EARLY = FAST[:-2]  # the test settings with early stopping on
+STEPS = 30
+
+
+def expected_stop(records: list[dict], patience: int, min_delta: float) -> tuple[int | None, int]:
+    """An independent reading of the rule: (the step it stops at or None, the best step)."""
+    best, best_step, bad = math.inf, 0, 0
+    for r in records:
+        if r.get("val_loss") is None:
+            continue
+        if r["val_loss"] < best - min_delta:
+            best, best_step, bad = r["val_loss"], r["step"], 0
+        else:
+            bad += 1
+            if bad >= patience:
+                return r["step"], best_step
+    return None, best_step
+
+
+def test_the_rule():
+    early = EarlyStopping(patience=2, min_delta=0.1)
+    assert [early.update(s, v) for s, v in [(1, 3.0), (2, 2.95), (3, 2.5), (4, 2.45)]] == [True, False, True, False]
+    assert (early.best_step, early.bad, early.should_stop) == (3, 1, False)
+    early.update(5, float("nan"))  # not an evaluation
+    early.update(6, 2.41)
+    assert early.should_stop and early.best == 2.5
+    replayed = EarlyStopping(2, 0.1).replay([{"step": s, "val_loss": v} for s, v in [(1, 3.0), (2, 2.95), (3, 2.5)]]
+                                            + [{"step": 4, "loss": 1.0}])
+    assert (replayed.best_step, replayed.bad) == (3, 0)
+    assert not EarlyStopping(0, 0.0).enabled and not EarlyStopping(0, 0.0).replay([{"step": 1, "val_loss": 1}]).should_stop
+
+
+def test_eval_interval():
+    assert eval_interval(0, 60, early=True) == 5  # about twelve validations a run
+    assert eval_interval(0, 5, early=True) == 1
+    assert eval_interval(7, 60, early=True) == 7
+    assert eval_interval(0, 60, early=False) == 0  # at the end only
+
+
+def test_stops_and_keeps_the_best_adapter(base, data, tmp_path, monkeypatch):
+    """In process, with a spy on the best-adapter file: the stop step follows the rule over the
+    logged validation losses, and the adapter written is the best step's, not the last."""
+    snapshots = {}
+    save = early_stop.save_best
+
+    def spy(out, step, model):
+        snapshots[step] = {k: p.detach().clone() for k, p in adapter_params(model).items()}
+        return save(out, step, model)
+
+    monkeypatch.setattr(early_stop, "save_best", spy)
+    out = tmp_path / "run"
+    cfg = resolve(None, model=str(base), data=str(data["train"]), out=str(out), max_steps=STEPS, precision="fp32",
+                  lr=0.02, batch_size=2, progress=False, eval_every=1, patience=2, min_delta=0.05)
+    summary = T.train(cfg)
+    records = metrics(out)
+    stop, best = expected_stop(records, patience=2, min_delta=0.05)
+    assert stop is not None and stop < STEPS, "pick settings under which the run stops early"
+    assert summary["steps"] == stop == records[-1]["step"] and summary["stopped_early"]
+    assert summary["best_step"] == best and best < stop and set(snapshots) >= {best}
+
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.core.io import load_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    load_adapter(model, out)
+    kept = adapter_params(model)
+    assert kept.keys() == snapshots[best].keys()
+    assert all(torch.equal(kept[k], snapshots[best][k]) for k in kept)
+    assert not any(out.glob("checkpoints/best-step-*")), "the best-adapter files are removed at the end"
+
+
+def test_cli_run_notes_the_stop(base, data, tmp_path):
+    out = tmp_path / "run"
+    done = run_cli("train", "--model", base, "--data", data["train"], "--out", out, "--max-steps", STEPS, *EARLY,
+                   "--eval-every", 1, "--patience", 1, "--min-delta", 100)  # nothing improves by 100 nats
+    assert done.returncode == 0, done.stderr
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    assert "early stopping at step 2" in done.stderr and "keeping the adapter of step 1" in done.stderr
+    assert "(2 steps, final loss" in done.stdout and "kept step 1's adapter" in done.stdout
+
+
+def test_kill_and_resume_equal_an_uninterrupted_run(base, data, tmp_path):
+    args = ["--max-steps", STEPS, *EARLY, "--eval-every", 1, "--patience", 2, "--min-delta", 0.05, "--save-every", 2]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    done = run_cli("train", "--model", base, "--data", data["train"], "--out", whole, *args)
+    assert done.returncode == 0, done.stderr
+    assert "early stopping at step" in done.stderr, "pick settings under which the run stops early"
+    argv = ["train", "--model", base, "--data", data["train"], "--out", parts, *args]
+    kill_at_first_checkpoint(argv, parts)
+    resumed = run_cli(*argv, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["step"] for r in metrics(whole)] == [r["step"] for r in metrics(parts)]
+    ta, tb = adapter_tensors(whole), adapter_tensors(parts)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_without_validation_rows_every_step_runs(base, data, tmp_path):
+    out = tmp_path / "run"
+    done = run_cli("train", "--model", base, "--data", data["train"], "--out", out, "--max-steps", 4, *EARLY,
+                   "--val-fraction", 0, "--eval-every", 1, "--min-delta", 100)
+    assert done.returncode == 0, done.stderr
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("flag, value, message", [("--patience", -1, "patience must be >= 0"),
+                                                  ("--min-delta", -0.5, "min_delta must be >= 0"),
+                                                  ("--min-delta", "nan", "min_delta must be a finite number")])
+def test_bad_settings_are_one_line_errors(base, data, tmp_path, flag, value, message):
+    done = run_cli("train", "--model", base, "--data", data["train"], "--out", tmp_path / "run", *EARLY, flag, value)
+    assert done.returncode != 0
+    assert message in one_line_error(done.stderr)
+    assert not (tmp_path / "run").exists()
