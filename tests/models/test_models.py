@@ -168,6 +168,29 @@ def test_default_model_is_converted_once_atomically(cache):
     assert tokenizer.padding_side == "left"
 
 
+def test_bfloat16_load_reads_an_exact_bf16_copy(cache):
+    """A bf16 load of the default model reads its bf16 copy (made once), whose weights equal the
+    float32 weights cast at load time, bit for bit."""
+    full = loading.load_model(embedded.DEFAULT_MODEL, dtype="float32")
+    half = loading.load_model(embedded.DEFAULT_MODEL, dtype="bfloat16")
+    copy = cache.root / "models" / f"{embedded.DEFAULT_MODEL}-bf16"
+    assert Path(loading.resolve_model_path(embedded.DEFAULT_MODEL, torch.bfloat16)) == copy
+    source = cache.root / "models" / embedded.DEFAULT_MODEL
+    assert {p.name for p in source.iterdir() if p.suffix != ".safetensors"} <= {p.name for p in copy.iterdir()}
+    weights = copy / "model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    full_state, half_state = full.state_dict(), half.state_dict()
+    assert full_state.keys() == half_state.keys()
+    for key in full_state:
+        assert half_state[key].dtype == torch.bfloat16 and torch.equal(half_state[key], full_state[key].bfloat16()), key
+    assert half.lm_head.weight.data_ptr() == half.model.embed_tokens.weight.data_ptr()  # still tied
+    assert len(cache.calls) == 1  # the GGUF is converted once; the copy is made from the float32 directory
+    assert loading.load_tokenizer(embedded.DEFAULT_MODEL).eos_token == "</s>"
+
+
 def test_build_discards_own_copy_when_another_process_wins(tmp_path):
     dest = tmp_path / "models" / "m"
 

@@ -20,11 +20,12 @@ if TYPE_CHECKING:
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
-def resolve_model_path(name_or_path: str | os.PathLike) -> str:
-    """A local transformers model directory for ``--model``: the default name, a directory, or a hub id."""
+def resolve_model_path(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None) -> str:
+    """A local transformers model directory for ``--model``: the default name, a directory, or a hub id.
+    For the default model loaded in bfloat16 (`dtype`), its bf16 copy (models.embedded)."""
     name = str(name_or_path)
     if name.strip().lower() == DEFAULT_MODEL:
-        return str(ensure_default_model())
+        return str(ensure_default_model("bfloat16" if dtype == torch.bfloat16 else "float32"))
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -85,9 +86,9 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: str | tor
     """
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(name_or_path)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
+    path = resolve_model_path(name_or_path, torch_dtype)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a local load takes a second: no "Loading weights" bar
