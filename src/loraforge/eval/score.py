@@ -5,29 +5,36 @@ import json
 import math
 
 import torch
-import torch.nn.functional as F
 
 from loraforge import data as D
+from loraforge.models.lean import linear_cross_entropy_sum
 
 
-def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits, targets, where) at the label positions only: runs the decoder, then the output
-    head only where a label exists. For chat data most positions are prompt, and the head
-    (vocab x hidden) is the largest matmul of a small model. logits (n, vocab) float32, targets
-    (n,), where (B, T-1) the mask of those positions (token t+1 is predicted at position t)."""
+def answer_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden, targets, where) at the label positions only: the decoder's last hidden states
+    (n, hidden) where a label exists, the labels (n,), and where (B, T-1), the mask of those
+    positions (token t+1 is predicted at position t)."""
     labels = batch["labels"][:, 1:]  # (B, T-1)
     where = labels != D.IGNORE_INDEX
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                       position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-    picked = hidden[:, :-1][where]  # (n_answer_tokens, hidden)
-    return model.get_output_embeddings()(picked).float(), labels[where], where
+    return hidden[:, :-1][where], labels[where], where  # (n_answer_tokens, hidden), (n,), (B, T-1)
+
+
+def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, targets, where): answer_hidden, then the output head only where a label exists.
+    For chat data most positions are prompt, and the head (vocab x hidden) is the largest matmul
+    of a small model. logits (n, vocab) float32."""
+    picked, targets, where = answer_hidden(model, batch)
+    return model.get_output_embeddings()(picked).float(), targets, where
 
 
 def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed cross-entropy over label positions."""
-    logits, targets, _ = answer_logits(model, batch)
-    return F.cross_entropy(logits, targets, reduction="sum")
+    """Summed cross-entropy over label positions, the head's logits a chunk of rows at a time
+    (models.lean: never all (n, vocab) float32 logits at once)."""
+    picked, targets, _ = answer_hidden(model, batch)
+    return linear_cross_entropy_sum(picked, model.get_output_embeddings(), targets)
 
 
 @torch.no_grad()

@@ -106,9 +106,14 @@ def cast_copy(source: Path, out_dir: Path, dtype: str) -> None:
     """The model directory `source` with its weights cast to `dtype` (round to nearest even, as
     transformers casts at load time), tokenizer and generation files alongside."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
-    model.save_pretrained(out_dir)
+    hf_logging.disable_progress_bar()  # a few seconds, once: no loading / writing bars
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
+        model.save_pretrained(out_dir)
+    finally:
+        hf_logging.enable_progress_bar()
     for path in source.iterdir():
         if path.is_file() and path.suffix != ".safetensors" and not (out_dir / path.name).exists():
             shutil.copy2(path, out_dir / path.name)

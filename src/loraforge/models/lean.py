@@ -1,0 +1,129 @@
+"""Memory-lean training: keep fewer activations for backward, recompute the cheap ones.
+
+With a frozen base, most of training's memory is activations saved for backward. Three places
+save far more than they need:
+- RMSNorm keeps a float32 copy of its input and the normalised result (Llama's formula casts up,
+  normalises, casts back); recomputing it in backward needs only the input.
+- SwiGLU keeps silu(gate) besides gate and up; it is recomputed from gate in backward.
+- The loss keeps (answer tokens x vocabulary) float32 logits and log-softmax; computed a chunk
+  of rows at a time with the gradient for the hidden states formed in the same pass, at most one
+  chunk of logits is alive, and nothing vocabulary-sized is kept for backward.
+
+The first two are ``torch.utils.checkpoint`` (non-reentrant) around a few elementwise ops:
+backward replays exactly the same ops, so gradients equal the plain path's bit for bit. The loss
+gives the same gradient up to rounding (the scale of the loss is applied after the head's
+matmul instead of before). Tests compare all three with autograd on the unmodified modules.
+Only module classes whose forward is Llama's formula are patched (LEAN_NORMS, LEAN_MLPS); any
+other model trains as before.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# transformers classes whose forward is exactly Llama's RMSNorm / gate-up-down SwiGLU MLP.
+LEAN_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MixtralRMSNorm",
+              "Qwen3MoeRMSNorm", "Qwen2MoeRMSNorm"}
+LEAN_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
+LOGIT_ELEMENTS = 1 << 23  # logits per loss chunk (8M: 32 MB in float32)
+
+
+def _recompute(fn, *args):
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+
+
+def _lean_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if not (torch.is_grad_enabled() and hidden_states.requires_grad):
+        return self._plain_forward(hidden_states)
+    return _recompute(self._plain_forward, hidden_states)
+
+
+def _lean_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    gate, up = self.gate_proj(x), self.up_proj(x)  # (batch, seq, intermediate) each
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return self.down_proj(_recompute(self._act_mul, gate, up))
+    return self.down_proj(self._act_mul(gate, up))
+
+
+def _act_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return self.act_fn(gate) * up
+
+
+def make_lean(model: nn.Module) -> int:
+    """Patch the RMSNorm and SwiGLU modules of `model` in place (idempotent); returns how many."""
+    patched = 0
+    for module in model.modules():
+        name = type(module).__name__
+        if getattr(module, "_plain_forward", None) is not None:
+            continue
+        if name in LEAN_NORMS:
+            module._plain_forward = module.forward
+            module.forward = types.MethodType(_lean_norm_forward, module)
+        elif name in LEAN_MLPS and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            module._plain_forward = module.forward
+            module._act_mul = types.MethodType(_act_mul, module)
+            module.forward = types.MethodType(_lean_mlp_forward, module)
+        else:
+            continue
+        patched += 1
+    return patched
+
+
+def make_plain(model: nn.Module):
+    """Undo make_lean."""
+    for module in model.modules():
+        if getattr(module, "_plain_forward", None) is not None:
+            module.forward = module._plain_forward
+            del module._plain_forward
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """sum(cross_entropy(head(hidden).float(), targets)), a chunk of rows at a time: hidden (n, h),
+    targets (n,). Through a frozen plain Linear head the gradient for `hidden` is formed chunk by
+    chunk in the forward pass (softmax - one-hot, times the head), so no (n, vocab) logits are
+    kept for backward (as Liger-Kernel's fused linear cross-entropy does); any other head takes
+    the plain path."""
+    plain_head = type(head) is nn.Linear and not head.weight.requires_grad and \
+        (head.bias is None or not head.bias.requires_grad)
+    if torch.is_grad_enabled() and hidden.requires_grad and plain_head:
+        return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets)
+    if not torch.is_grad_enabled() and plain_head:
+        return sum(_chunk_loss(h, t, head.weight, head.bias)[0] for h, t in _chunks(hidden, targets, head.weight))
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def _chunks(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor):
+    rows = max(1, LOGIT_ELEMENTS // weight.shape[0])
+    for start in range(0, hidden.shape[0], rows):
+        yield hidden[start:start + rows], targets[start:start + rows]
+
+
+def _chunk_loss(hidden, targets, weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, float32 logits) of one chunk, as the plain path computes them."""
+    logits = F.linear(hidden, weight, bias).float()  # (rows, vocab)
+    return F.cross_entropy(logits, targets, reduction="sum"), logits
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grads = []
+        for part, wanted in _chunks(hidden, targets, weight):
+            loss, logits = _chunk_loss(part, wanted, weight, bias)
+            total += loss
+            grad_logits = torch.softmax(logits, dim=-1)  # d(sum CE)/d(logits) = softmax - one-hot
+            grad_logits[torch.arange(len(wanted), device=wanted.device), wanted] -= 1
+            grads.append(torch.matmul(grad_logits.to(weight.dtype), weight).float())  # (rows, h); bf16 under autocast, like F.linear's backward
+        ctx.save_for_backward(torch.cat(grads) if grads else hidden.new_zeros(hidden.shape, dtype=torch.float32))
+        ctx.hidden_dtype = hidden.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad_hidden,) = ctx.saved_tensors
+        return (grad_hidden * grad_output).to(ctx.hidden_dtype), None, None, None

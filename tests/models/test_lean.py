@@ -1,0 +1,138 @@
+"""Memory-lean training (models/lean.py) against autograd on the unmodified modules: the same loss
+and gradients, fewer bytes saved for backward."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from factory import randomize_adapters, tiny_arch, tiny_llama
+
+from loraforge import data as D
+from loraforge.core.config import LoraConfig
+from loraforge.core.ops import adapter_params, attach
+from loraforge.eval.score import answer_loss_sum
+from loraforge.models import lean
+
+
+def lora_model(name: str = "llama", dtype=torch.float32):
+    model = tiny_llama() if name == "llama" else tiny_arch(name)
+    attach(model, LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(model)
+    model.to(dtype)
+    for p in adapter_params(model).values():
+        p.data = p.data.float()
+    return model.train()
+
+
+def batch(vocab: int = 128) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (20, 13, 9)]
+    rows = D.pack([(s, s) for s in seqs], max_tokens=24)
+    return D.collate(rows, pad_id=0)
+
+
+def loss_and_grads(model, autocast: torch.dtype | None = None) -> tuple[float, dict]:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+        loss = answer_loss_sum(model, batch())
+    (loss * 0.37).backward()
+    return float(loss.detach()), {k: p.grad.clone() for k, p in adapter_params(model).items()}
+
+
+def saved_bytes(model, autocast: torch.dtype | None = None) -> int:
+    """Bytes of the activations autograd keeps for backward (weights excluded)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+            answer_loss_sum(model, batch())
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3"])
+def test_lean_norm_and_mlp_give_the_same_gradients_bit_for_bit(name, monkeypatch):
+    monkeypatch.setattr(lean, "LOGIT_ELEMENTS", 1 << 40)  # the loss in one chunk: isolate the norm / MLP patch
+    model = lora_model(name)
+    plain_loss, plain = loss_and_grads(model)
+    expected = 2 * 3 + 1 + (4 if name == "qwen3" else 0)  # two norms and an MLP per layer, the final norm, q/k norms
+    assert lean.make_lean(model) == expected
+    assert lean.make_lean(model) == 0  # idempotent
+    lean_loss, lean_grads = loss_and_grads(model)
+    assert lean_loss == plain_loss
+    assert plain.keys() == lean_grads.keys()
+    for key in plain:
+        assert torch.equal(plain[key], lean_grads[key]), key
+    lean.make_plain(model)
+    assert loss_and_grads(model)[0] == plain_loss
+
+
+def test_bf16_base_under_autocast(monkeypatch):
+    model = lora_model(dtype=torch.bfloat16)
+    monkeypatch.setattr(lean, "LOGIT_ELEMENTS", 1 << 40)
+    _, plain = loss_and_grads(model, torch.bfloat16)
+    plain_bytes = saved_bytes(model, torch.bfloat16)
+    lean.make_lean(model)
+    _, lean_grads = loss_and_grads(model, torch.bfloat16)
+    for key in plain:
+        assert torch.equal(plain[key], lean_grads[key]), key
+    assert saved_bytes(model, torch.bfloat16) < 0.85 * plain_bytes
+
+
+def plain_loss_sum(hidden, head, targets):
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def test_chunked_loss_equals_the_full_logits(monkeypatch):
+    from loraforge.eval import score
+
+    model = lora_model()
+    with monkeypatch.context() as patch:
+        patch.setattr(score, "linear_cross_entropy_sum", plain_loss_sum)
+        whole_loss, whole = loss_and_grads(model)
+        whole_bytes = saved_bytes(model)
+    monkeypatch.setattr(lean, "LOGIT_ELEMENTS", 5 * 128)  # five rows of a 128-token vocabulary per chunk
+    chunk_loss, chunked = loss_and_grads(model)
+    assert chunk_loss == pytest.approx(whole_loss, rel=1e-6)
+    for key in whole:
+        torch.testing.assert_close(chunked[key], whole[key], rtol=1e-5, atol=1e-5, msg=key)  # float32 rounding
+    assert saved_bytes(model) < whole_bytes
+    with torch.no_grad():  # evaluation: chunked too, same value
+        assert float(answer_loss_sum(model, batch())) == pytest.approx(whole_loss, rel=1e-6)
+
+
+def test_chunked_loss_against_plain_cross_entropy_in_bf16(monkeypatch):
+    """The lean loss through a bf16 head under autocast: equal value, gradients within bf16 rounding."""
+    monkeypatch.setattr(lean, "LOGIT_ELEMENTS", 7 * 64)
+    gen = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(32, 64, bias=False).to(torch.bfloat16).requires_grad_(False)
+    hidden = torch.randn(30, 32, generator=gen).requires_grad_()
+    targets = torch.randint(0, 64, (30,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+        ours = lean.linear_cross_entropy_sum(hidden, head, targets)
+    assert float(ours) == pytest.approx(float(plain), rel=1e-6)
+    g_plain, = torch.autograd.grad(plain * 0.5, hidden)
+    g_ours, = torch.autograd.grad(ours * 0.5, hidden)
+    torch.testing.assert_close(g_ours, g_plain, rtol=2e-2, atol=2e-3)
+
+
+def test_other_heads_take_the_plain_path():
+    """A head with trainable weights (or a LoRA-wrapped one) is not fused: its gradient flows."""
+    head = torch.nn.Linear(8, 16)
+    hidden = torch.randn(5, 8, requires_grad=True)
+    targets = torch.randint(0, 16, (5,))
+    loss = lean.linear_cross_entropy_sum(hidden, head, targets)
+    loss.backward()
+    assert head.weight.grad is not None
+    torch.testing.assert_close(loss, F.cross_entropy(head(hidden).float(), targets, reduction="sum"))
+
+
+def test_unknown_architectures_are_left_alone():
+    model = lora_model("gemma2")  # (1 + weight) RMSNorm, GELU MLP: not Llama's formulas
+    assert lean.make_lean(model) == 0
