@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/lora_overhead.py
 	$(PY) bench/train_vs_peft.py --threads 1
 	$(PY) bench/serve.py --threads 1 --clock cpu
+	$(PY) bench/serve_trace.py --threads 1
 	$(PY) bench/qlora.py --threads 1 --stable-rss
 	$(PY) bench/soak.py
 

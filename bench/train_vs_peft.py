@@ -29,11 +29,11 @@ from loraforge.models.embedded import DEFAULT_MODEL as MODEL
 ENV = dict(os.environ)  # --threads sets OMP_NUM_THREADS for every child run
 
 
-def run_loraforge(data: Path, out: Path, steps: int, precision: str) -> dict:
+def run_loraforge(data: Path, out: Path, steps: int, precision: str, extra: tuple = ()) -> dict:
     cmd = [sys.executable, "-m", "loraforge", "train", "--data", str(data), "--out", str(out),
            "--rank", "8", "--alpha", "16", "--targets", "all-linear", "--batch-size", "4",
            "--max-tokens", "256", "--max-len", "256", "--max-steps", str(steps), "--precision", precision,
-           "--save-every", "0", "--val-fraction", "0", "--no-progress", "--lr", "1e-4"]
+           "--save-every", "0", "--val-fraction", "0", "--no-progress", "--lr", "1e-4", *extra]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"records": records, "peak_rss_mb": max(r["peak_memory_mb"] for r in records)}
@@ -155,6 +155,16 @@ def main() -> None:
     lf_own, p_fp32 = rows[1], rows[0]
     print(f"\nown settings vs PEFT float32: {lf_own[1] / p_fp32[3]:.2f}x tokens/s, "
           f"{lf_own[2] / p_fp32[4]:.2f}x peak memory")
+    print("\nloraforge's memory options at its own settings (bf16-base), against PEFT + Trainer's own row:\n")
+    print("| loraforge | tokens/s | peak RSS MB | vs PEFT tokens/s | vs PEFT memory |")
+    print("|---|---:|---:|---:|---:|")
+    variants = (("default (lean RMSNorm / SwiGLU / loss)", ()), ("--no-lean-memory", ("--no-lean-memory",)),
+                ("--gradient-checkpointing", ("--gradient-checkpointing",)))
+    for label, extra in variants:
+        result = run_loraforge(data, work / f"lf-{len(extra)}-{extra[:1]}", args.steps, "bf16-base", extra) \
+            if extra else None
+        speed, mem = (speed_loraforge(result, args.warmup), result["peak_rss_mb"]) if result else lf_own[1:3]
+        print(f"| {label} | {speed:.0f} | {mem:.0f} | {speed / lf_own[3]:.2f}x | {mem / lf_own[4]:.2f}x |")
 
 
 if __name__ == "__main__":
