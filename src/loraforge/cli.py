@@ -191,6 +191,9 @@ def add_serve(sub):
                    help="the base model's name in the API (default: --model)")
     p.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, default=8 * 2**20,
                    help="refuse request bodies larger than this many bytes with 413 (default 8 MiB)")
+    p.add_argument("--prefix-cache-mb", dest="prefix_cache_mb", type=float, default=None,
+                   help="MiB of prompt KV kept for reuse by later prompts on the same adapter (LRU, default 512); "
+                        "0 disables")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--shutdown-timeout", dest="shutdown_timeout", type=float, default=30.0,

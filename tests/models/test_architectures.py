@@ -2,10 +2,10 @@
 families users fine-tune, each checked against PEFT and against the model's own forward.
 
 Mixtral and Qwen3-MoE store their experts as fused 3-D parameters (and route with a non-Linear
-gate) that PEFT's `all-linear` adapts through `target_parameters`; loraforge does not adapt those
-yet, so the PEFT comparisons of `all-linear` run on the other eleven (README, "Architectures").
-Qwen2-MoE's experts are not adapted by PEFT's `all-linear` either; its 64 -> 1 shared-expert gate
-is, as here."""
+gate) that PEFT's `all-linear` adapts through `target_parameters`; so does loraforge's
+(core.layers.LoraParameter), with PEFT's keys, ranks and nesting. Qwen2-MoE's experts are not
+adapted by PEFT's `all-linear` (its conversion tables leave that model type out), nor here; its
+64 -> 1 shared-expert gate is, in both."""
 from __future__ import annotations
 
 import warnings
@@ -17,10 +17,10 @@ from factory import ARCHITECTURES, WINDOW, lm_steps, randomize_adapters, tiny_ar
 from loraforge import data as D
 from loraforge.core.config import LoraConfig
 from loraforge.core.io import load_adapter, save_adapter
-from loraforge.core.ops import attach, find_targets, merge, parameter_report, unmerge
+from loraforge.core.ops import attach, find_targets, lora_layers, merge, parameter_report, unmerge
 
 warnings.filterwarnings("ignore", message=".*kernels.*")
-FUSED_EXPERTS = ("mixtral", "qwen3_moe")
+FUSED_EXPERTS = ("mixtral", "qwen3_moe")  # experts in 3-D parameters, adapted as PEFT's target_parameters
 DENSE = [name for name in ARCHITECTURES if name not in FUSED_EXPERTS]  # every Linear is a Linear
 LENGTHS = (3 * WINDOW, 2 * WINDOW + 3, WINDOW + 1)  # every example longer than the window
 
@@ -66,17 +66,21 @@ def _peft_targets(peft_model) -> set[str]:
     return {n.removeprefix(prefix) for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
 
 
-@pytest.mark.parametrize("name", DENSE)
+@pytest.mark.parametrize("name", ARCHITECTURES)
 def test_all_linear_targets_what_peft_targets(name):
     peft_model = _peft_all_linear(name)
     ours = tiny_arch(name)
-    assert set(find_targets(ours, LoraConfig(r=4, target_modules="all-linear"))) == _peft_targets(peft_model)
+    if name in DENSE:
+        assert set(find_targets(ours, LoraConfig(r=4, target_modules="all-linear"))) == _peft_targets(peft_model)
     attach(ours, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    assert {n for n, _ in lora_layers(ours)} == _peft_targets(peft_model)  # experts: PEFT's nested wrappers
     peft_count = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert parameter_report(ours)["trainable_params"] == peft_count
+    if name in FUSED_EXPERTS:
+        assert {"gate_up_proj", "down_proj", "gate"} <= set(parameter_report(ours)["per_type"])
 
 
-@pytest.mark.parametrize("name", DENSE)
+@pytest.mark.parametrize("name", ARCHITECTURES)
 def test_peft_reads_our_adapter_and_we_read_peft_s(name, tmp_path):
     from peft import PeftModel
 
@@ -86,6 +90,13 @@ def test_peft_reads_our_adapter_and_we_read_peft_s(name, tmp_path):
     theirs = PeftModel.from_pretrained(tiny_arch(name), tmp_path / "ours").eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+        if name in FUSED_EXPERTS:  # the experts' updates count: without them the logits differ
+            with torch.no_grad(), theirs.disable_adapter():
+                base = theirs(input_ids=ids).logits
+            attention_only = randomize_adapters(attach(tiny_arch(name), LoraConfig(r=4, alpha=8,
+                                                                                   target_modules="attention")))
+            for other in (base, attention_only(input_ids=ids).logits):
+                assert (other - ours(input_ids=ids).logits).abs().max() > 1e-2
     peft_model = randomize_adapters(_peft_all_linear(name), seed=3).eval()
     peft_model.save_pretrained(tmp_path / "peft")
     loaded = tiny_arch(name)
@@ -124,3 +135,19 @@ def test_presets_know_fused_projections(name, preset, expected):
     chosen = find_targets(tiny_arch(name), LoraConfig(target_modules=preset))
     assert {n.split(".")[-1] for n in chosen} == expected
     assert len(chosen) == 2 * len(expected)  # in both layers
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_nf4_trains(name):
+    """--quantize nf4: every Linear but the head, and fused MoE experts, in 4 bits; LoRA over it learns."""
+    from loraforge.core.quant import quantize_model, weight_bytes
+
+    model = tiny_arch(name)
+    before = weight_bytes(model)
+    quantize_model(model, "nf4")
+    assert not [n for n, p in model.named_parameters() if p.dim() == 3 and p.is_floating_point()]  # experts too
+    assert weight_bytes(model) < 0.6 * before
+    attach(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses = lm_steps(model, ids, 6)
+    assert losses[-1] < losses[0]

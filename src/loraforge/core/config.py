@@ -24,7 +24,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
             "gate_up_proj",  # Phi-3 (fused gate/up)
             "mlp.c_fc", "mlp.c_proj",  # GPT-2
             "fc1", "fc2", "dense_h_to_4h", "dense_4h_to_h"),  # OPT, GPT-NeoX
-}
+}  # on MoE models `mlp` also selects the fused experts' gate_up_proj / down_proj (ops.find_parameter_targets)
 ALL_LINEAR = "all-linear"
 INITS = ("default", "gaussian", "pissa")
 
@@ -38,6 +38,7 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: list[str] | str = ALL_LINEAR
     exclude_modules: list[str] | str | None = None
+    target_parameters: list[str] | None = None  # PEFT's: parameters no Linear owns (MoE experts, routers)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     init: str = "default"  # default: A kaiming-uniform, B zero | gaussian | pissa
@@ -45,6 +46,7 @@ class LoraConfig:
     use_dora: bool = False  # weight-decomposed LoRA (Liu et al. 2024)
     modules_to_save: list[str] = field(default_factory=list)
     base_model_name_or_path: str | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None  # PEFT's: rows trained (core.tokens)
 
     def __post_init__(self):
         errors = self.type_problems()
@@ -52,6 +54,7 @@ class LoraConfig:
             if isinstance(self.target_modules, tuple):
                 self.target_modules = list(self.target_modules)
             self.modules_to_save = list(self.modules_to_save or [])
+            self.target_parameters = list(self.target_parameters) if self.target_parameters else None
             self.rank_pattern = dict(self.rank_pattern or {})
             self.alpha_pattern = dict(self.alpha_pattern or {})
             errors = self.problems()
@@ -62,11 +65,14 @@ class LoraConfig:
         """Fields of the wrong kind (a file may hold anything): names are a string or a list of
         strings, patterns are mappings."""
         errors = [f"{name} must be a string or a list of strings, got {_kind(getattr(self, name))}"
-                  for name in ("target_modules", "exclude_modules", "modules_to_save")
-                  if not _names_ok(getattr(self, name), allow_str=name != "modules_to_save")]
+                  for name in ("target_modules", "exclude_modules", "modules_to_save", "target_parameters")
+                  if not _names_ok(getattr(self, name), allow_str=name in ("target_modules", "exclude_modules"))]
         errors += [f"{name} must be a mapping of pattern: value, got {_kind(getattr(self, name))}"
                    for name in ("rank_pattern", "alpha_pattern")
                    if not isinstance(getattr(self, name) or {}, dict)]
+        if not _token_indices_ok(self.trainable_token_indices):
+            errors.append("trainable_token_indices must be a list of token ids or a mapping of module name: list of "
+                          f"token ids, got {self.trainable_token_indices!r}")
         if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
             errors.append(f"base_model_name_or_path must be a string, got {_kind(self.base_model_name_or_path)}")
         return errors
@@ -82,8 +88,8 @@ class LoraConfig:
             errors.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
             errors.append(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
-        if not self.target_modules:
-            errors.append("target_modules is empty")
+        if not self.target_modules and not self.target_parameters:
+            errors.append("target_modules is empty (and no target_parameters)")
         for key, value in self.rank_pattern.items():
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 errors.append(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
@@ -108,13 +114,16 @@ class LoraConfig:
         return lora_scaling(self.alpha_for(module_name), self.rank_for(module_name), self.use_rslora)
 
     # --- PEFT's adapter_config.json ------------------------------------------------------
-    def to_peft(self, target_names: list[str] | None = None, fan_in_fan_out: bool = False) -> dict:
+    def to_peft(self, target_names: list[str] | None = None, fan_in_fan_out: bool = False,
+                target_parameters: list[str] | None = None) -> dict:
         """PEFT's adapter_config.json fields. `target_names` replaces presets by the
-        concrete module-name suffixes found on the model, so PEFT and vLLM can read it;
+        concrete module-name suffixes found on the model, so PEFT and vLLM can read it (and
+        `target_parameters` the parameters adapted, MoE experts and routers);
         `fan_in_fan_out` is what PEFT records for GPT-2-style Conv1D targets."""
         targets = self.target_modules
         if target_names is not None and (isinstance(targets, list) or targets in PRESETS or targets == ALL_LINEAR):
             targets = sorted(set(target_names))
+        parameters = self.target_parameters if target_parameters is None else target_parameters
         return {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -124,9 +133,11 @@ class LoraConfig:
             "lora_dropout": self.dropout,
             "target_modules": targets,
             "exclude_modules": self.exclude_modules,
+            "target_parameters": sorted(parameters) if parameters else None,
             "bias": "none",
             "fan_in_fan_out": fan_in_fan_out,
             "modules_to_save": self.modules_to_save or None,
+            "trainable_token_indices": self.trainable_token_indices,
             "init_lora_weights": {"default": True}.get(self.init, self.init),
             "use_rslora": self.use_rslora,
             "use_dora": self.use_dora,
@@ -156,10 +167,12 @@ class LoraConfig:
             return cls(
                 r=data.get("r", 8), alpha=data.get("lora_alpha", 8), dropout=data.get("lora_dropout", 0.0),
                 target_modules=data.get("target_modules") or [], exclude_modules=data.get("exclude_modules"),
+                target_parameters=data.get("target_parameters") or None,
                 rank_pattern=data.get("rank_pattern") or {}, alpha_pattern=data.get("alpha_pattern") or {},
                 init=init if init in INITS else "default", use_rslora=bool(data.get("use_rslora", False)),
                 use_dora=bool(data.get("use_dora", False)), modules_to_save=data.get("modules_to_save") or [],
                 base_model_name_or_path=data.get("base_model_name_or_path"),
+                trainable_token_indices=data.get("trainable_token_indices"),
             )
         except LoraError as err:
             raise LoraError(f"{where}: {err}") from None
@@ -210,6 +223,16 @@ def _names_ok(value, allow_str: bool = True) -> bool:
     return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
 
 
+def _token_ids_ok(ids) -> bool:
+    return isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+
+
+def _token_indices_ok(value) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _token_ids_ok(v) for k, v in value.items())
+    return value is None or _token_ids_ok(value)
+
+
 def _kind(value) -> str:
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(type(value), type(value).__name__)
 
@@ -231,6 +254,12 @@ def _pattern_value(patterns: dict, module_name: str, default):
         if re.match(rf"(.*\.)?({key})$", module_name):
             return value
     return default
+
+
+def parameter_matches(path: str, entries: list[str] | None) -> bool:
+    """PEFT's rule for target_parameters: a parameter path equal to an entry or ending in `.entry`
+    (`gate_up_proj` selects `model.layers.0.mlp.experts.gate_up_proj`)."""
+    return any(path == entry or path.endswith("." + entry) for entry in entries or [])
 
 
 def name_matches(module_name: str, targets: list[str] | str) -> bool:

@@ -21,10 +21,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from loraforge import LoraError, one_line
-from loraforge.core.config import LoraConfig, exact_patterns
-from loraforge.core.layers import LoraConv1D, LoraEmbedding, LoraLayer
+from loraforge.core.config import LoraConfig, exact_patterns, parameter_matches
+from loraforge.core.layers import LoraConv1D, LoraEmbedding, LoraLayer, LoraParameter
 from loraforge.core.ops import (ModulesToSave, _matrix_shape, adaptable_modules, attach, find_targets, lora_layers,
-                             saved_module_paths)
+                             own_parameters, parameter_owners, saved_module_paths)
+from loraforge.core.tokens import check_token_fits, copy_token_weights, token_state_dict
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -118,6 +119,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
         if isinstance(module, ModulesToSave) and name in module.modules_to_save:
             for pname, p in module.modules_to_save[name].state_dict().items():
                 tensors[f"{PREFIX}{module_name}.{pname}"] = p
+    tensors.update(token_state_dict(model, name, PREFIX))  # trainable tokens: PEFT's token_adapter keys
     return {k: _full(v) for k, v in tensors.items()}
 
 
@@ -129,10 +131,32 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 def target_names(model: nn.Module, name: str) -> list[str]:
     """Target names for adapter_config.json: the modules' last name parts (`q_proj`, what PEFT
     and vLLM expect) when those select exactly the adapted modules, else full module paths."""
-    adapted = {m for m, layer in lora_layers(model) if name in layer.r}
+    adapted = {m for m, layer in lora_layers(model) if name in layer.r and not isinstance(layer, LoraParameter)}
     short = {m.split(".")[-1] for m in adapted}
     selected = {m for m in adaptable_modules(model) if m.split(".")[-1] in short}
     return sorted(short) if selected == adapted else sorted(adapted)
+
+
+def adapted_parameters(model: nn.Module, name: str) -> dict[str, LoraParameter]:
+    """{parameter path: wrapper} of adapter `name`'s parameter targets (MoE experts, routers)."""
+    return {f"{path.split('.base_layer')[0]}.{layer.parameter_name}": layer for path, layer in lora_layers(model)
+            if isinstance(layer, LoraParameter) and name in layer.r}
+
+
+def parameter_entries(model: nn.Module, name: str, config: LoraConfig) -> tuple[list[str], dict, dict]:
+    """PEFT's `target_parameters` for adapter `name` (short suffixes such as `gate_up_proj` and
+    `gate.weight` when they select exactly the adapted parameters, else full paths), and the
+    rank / alpha patterns its parameters need beyond r and alpha (a fused gate_up_proj: 2r)."""
+    adapted = adapted_parameters(model, name)
+    if not adapted:
+        return [], {}, {}
+    short = {".".join(p.split(".")[-2:]) if p.endswith(".weight") else p.split(".")[-1] for p in adapted}
+    every = {f"{o}.{n}" for o, m in parameter_owners(model).items() for n in own_parameters(m)}
+    selected = {p for p in every if parameter_matches(p, sorted(short))}
+    targets = sorted(short) if selected == set(adapted) else sorted(adapted)
+    ranks = exact_patterns({p: layer.r[name] for p, layer in adapted.items()}, config.r)
+    alphas = exact_patterns({p: layer.lora_alpha[name] for p, layer in adapted.items()}, config.alpha)
+    return targets, ranks, alphas
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",
@@ -145,7 +169,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     tensors, config = _pissa_to_lora(model, name, adapter_state_dict(model, name), configs[name])
     if not write:
         return Path(path)
-    peft_config = config.to_peft(target_names(model, name), fan_in_fan_out=_has_conv1d(model, name))
+    parameters, ranks, alphas = parameter_entries(model, name, config)
+    peft_config = config.to_peft(target_names(model, name), fan_in_fan_out=_has_conv1d(model, name),
+                                 target_parameters=parameters)
+    peft_config["rank_pattern"].update(ranks)
+    peft_config["alpha_pattern"].update(alphas)
     write_adapter_dir(path, peft_config, tensors)
     return Path(path)
 
@@ -254,8 +282,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     modules = group_by_module(tensors, str(path))
     if not modules:
         raise LoraError(f"{path}/{WEIGHTS_NAME} holds no LoRA weights (keys like {PREFIX}<module>.lora_A.weight)")
-    config = ranks_from_tensors(config, modules)
-    check_fits(model, config, modules, tensors, path)
+    keys = parameter_keys(model, config, modules, path)
+    config = ranks_from_tensors(config, modules, expert_counts(model, keys))
+    check_fits(model, config, modules, tensors, path, keys)
     attach(model, config, name, activate=activate)
     _copy_weights(model, name, modules, tensors)
     if not trainable:
@@ -264,19 +293,72 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     return config
 
 
-def ranks_from_tensors(config: LoraConfig, modules: dict) -> LoraConfig:
-    """Trust the stored shapes for per-module ranks; targets are exactly the stored modules."""
-    targets = sorted(modules)
-    ranks = {m: (t.get("lora_A", t.get("lora_embedding_A"))).shape[0] for m, t in modules.items()}
+def ranks_from_tensors(config: LoraConfig, modules: dict, experts: dict[str, tuple[str, int]] | None = None
+                       ) -> LoraConfig:
+    """Trust the stored shapes for per-module ranks; targets are exactly the stored modules.
+    `experts` ({key path: (parameter path, experts)}, see parameter_keys) names the stored
+    parameter targets: their lora_A holds r rows per expert (None: not known without the model;
+    the config's target_parameters are kept)."""
+    known, experts = experts is not None, experts or {}
+    ranks = {}
+    for m, t in modules.items():
+        rows = (t.get("lora_A", t.get("lora_embedding_A"))).shape[0]
+        target, count = experts.get(m, (m, 1))
+        ranks[target] = max(rows // count, 1)
     alphas = {m: config.alpha_for(m) for m in ranks}
-    return LoraConfig(**{**config.to_dict(), "target_modules": targets, "rank_pattern": exact_patterns(ranks, config.r),
+    parameters = sorted(target for target, _ in experts.values()) if known else config.target_parameters
+    return LoraConfig(**{**config.to_dict(), "target_modules": sorted(set(modules) - set(experts)),
+                         "target_parameters": parameters or None,
+                         "rank_pattern": exact_patterns(ranks, config.r),
                          "alpha_pattern": exact_patterns(alphas, config.alpha), "init": "default",
                          "exclude_modules": None})
 
 
-def check_fits(model: nn.Module, config: LoraConfig, modules: dict, tensors: dict, path) -> None:
+def parameter_keys(model: nn.Module, config: LoraConfig, modules: dict, path) -> dict[str, str]:
+    """{stored module path: parameter path} for the LoRA weights of parameter targets. PEFT nests
+    one wrapper per targeted parameter of a module, the first-defined innermost: of n targeted
+    parameters, the one at depth d (`experts` + d x `.base_layer`) is the (n-1-d)-th; which
+    ones are targeted, adapter_config.json's target_parameters says."""
+    owners, available = parameter_owners(model), adaptable_modules(model)
+    by_owner: dict[str, dict[int, str]] = {}
+    for key_path in modules:
+        owner, depth = key_path, 0
+        while owner.endswith(".base_layer"):
+            owner, depth = owner[: -len(".base_layer")], depth + 1
+        if key_path not in available and owner in owners:
+            by_owner.setdefault(owner, {})[depth] = key_path
+    found = {}
+    for owner, depths in by_owner.items():
+        targeted = [n for n in own_parameters(owners[owner])
+                    if parameter_matches(f"{owner}.{n}", config.target_parameters)]
+        if sorted(depths) != list(range(len(targeted))):
+            raise LoraError(f"adapter {path} stores LoRA weights for {len(depths)} parameter(s) of {owner}, but its "
+                            f"target_parameters select {len(targeted)} of its parameters "
+                            f"({', '.join(own_parameters(owners[owner]))})")
+        for depth, key_path in depths.items():
+            found[key_path] = f"{owner}.{targeted[len(targeted) - 1 - depth]}"
+    return found
+
+
+def expert_counts(model: nn.Module, keys: dict[str, str]) -> dict[str, tuple[str, int]]:
+    """{stored module path: (parameter path, number of experts: 1 for a 2-D parameter)}."""
+    owners = parameter_owners(model)
+    counts = {}
+    for key_path, target in keys.items():
+        owner, _, pname = target.rpartition(".")
+        shape = own_parameters(owners[owner])[pname]
+        counts[key_path] = (target, shape[0] if len(shape) == 3 else 1)
+    return counts
+
+
+def check_fits(model: nn.Module, config: LoraConfig, modules: dict, tensors: dict, path,
+               keys: dict[str, str] | None = None) -> None:
     available = adaptable_modules(model)
+    keys = keys or {}
     for module_name, parts in modules.items():
+        if module_name in keys:
+            check_parameter_fits(model, module_name, keys[module_name], parts, path)
+            continue
         if module_name not in available:
             raise LoraError(f"adapter {path} has weights for module {module_name!r}, which this model does not have")
         out_f, in_f = _matrix_shape(available[module_name])
@@ -303,7 +385,27 @@ def check_fits(model: nn.Module, config: LoraConfig, modules: dict, tensors: dic
             keys = [k for k in tensors if k.startswith(f"{PREFIX}{module_name}.") and ".lora_" not in k]
             if not keys:
                 raise LoraError(f"adapter {path} lists {module_name!r} in modules_to_save but stores no weights for it")
+    if config.trainable_token_indices is not None:
+        check_token_fits(model, config.trainable_token_indices, tensors, PREFIX, path)
     find_targets(model, config)  # raises if nothing matches
+
+
+def check_parameter_fits(model: nn.Module, key_path: str, target: str, parts: dict, path) -> None:
+    """The stored factors of a parameter target have PEFT's shapes: A (r*E, in), B (out, r*E)."""
+    owner, _, pname = target.rpartition(".")
+    shape = own_parameters(parameter_owners(model)[owner])[pname]
+    experts = shape[0] if len(shape) == 3 else 1
+    out_f, in_f = shape[-2:]
+    if experts > 1 and getattr(parameter_owners(model)[owner], "is_transposed", False):  # (E, in, out)
+        in_f, out_f = out_f, in_f
+    A, B = parts.get("lora_A"), parts.get("lora_B")
+    if A is None or B is None:
+        raise LoraError(f"adapter {path}: {key_path} (LoRA on {target}) lacks its lora_A or lora_B tensor")
+    rows = A.shape[0] if A.dim() == 2 else -1
+    if A.dim() != 2 or rows % experts or tuple(A.shape) != (rows, in_f) or tuple(B.shape) != (out_f, rows):
+        raise LoraError(f"adapter {path}: {key_path} (LoRA on {target}, shape {tuple(shape)}) has lora_A "
+                        f"{tuple(A.shape)} and lora_B {tuple(B.shape)}, but needs ({experts}*r, {in_f}) and "
+                        f"({out_f}, {experts}*r); was it trained on another base model?")
 
 
 def _copy_weights(model: nn.Module, name: str, modules: dict, tensors: dict) -> None:
@@ -321,3 +423,4 @@ def _copy_weights(model: nn.Module, name: str, modules: dict, tensors: dict) -> 
             prefix = f"{PREFIX}{module_name}."
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             module.modules_to_save[name].load_state_dict(state)
+    copy_token_weights(model, name, tensors, PREFIX)

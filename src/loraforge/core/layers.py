@@ -1,4 +1,5 @@
-"""The math: LoRA over Linear, Embedding and transformers' Conv1D; delta weights; merge; DoRA.
+"""The math: LoRA over Linear, Embedding and transformers' Conv1D, and over parameters no Linear
+owns (fused MoE experts, routers: LoraParameter); delta weights; merge; DoRA.
 
 A LoRA layer wraps (never subclasses) its base layer, as PEFT does, so any Linear, a quantized
 one included, can be adapted. Per adapter it holds `lora_A` (r x in), `lora_B` (out x r) and a
@@ -354,6 +355,209 @@ class LoraEmbedding(LoraLayer):
         return (after_A @ self.lora_embedding_B[name].T * self.scaling[name]).to(base_out.dtype)
 
 
+# --- parameters no Linear owns: fused MoE experts and routers (PEFT's target_parameters) ----------
+def dense_param(core: nn.Module, name: str) -> torch.Tensor:
+    """Parameter `name` of `core` as a float tensor (a 4-bit one, see core.quant.QuantizedParams,
+    dequantized)."""
+    reader = getattr(core, "dense_parameter", None)
+    return reader(name) if callable(reader) else getattr(core, name)
+
+
+def call_with(core: nn.Module, overrides: dict[str, torch.Tensor], args: tuple, kwargs: dict):
+    """`core(*args, **kwargs)` computed with parameters `overrides` in place of its own."""
+    runner = getattr(core, "run_with", None)
+    if callable(runner):
+        return runner(overrides, args, kwargs)
+    if not overrides:
+        return core(*args, **kwargs)
+    return torch.func.functional_call(core, overrides, args, kwargs)
+
+
+class LoraParameter(LoraLayer):
+    """LoRA on one parameter of a module that is not a Linear (PEFT's `target_parameters`, its
+    `ParamWrapper`): transformers 5 stores MoE experts fused into 3-D parameters (experts, out,
+    in) (`experts.gate_up_proj`, `experts.down_proj`) and routes with a `gate` module whose 2-D
+    `weight` (experts, hidden) is applied by its own forward.
+
+    Expert e gets its own update of its slice, dW[e] = B_e @ A_e * scaling (LoRA eq. 3 per
+    expert). Stored in PEFT's layout: lora_A (r*E, in) holds A_e in rows e*r .. e*r+r-1, lora_B
+    (out, r*E) holds B_e in columns j*E + e (j < r); a 2-D parameter is E = 1, a plain Linear's
+    update. The forward runs the wrapped module with W + dW in place of W (weight-level, as PEFT's
+    ParamWrapper: exact whatever the experts' implementation, and the only way into a module that
+    routes tokens itself); W + dW is built by one baddbmm per adapter. Two targeted parameters of
+    one module nest, the first-defined innermost, so the module paths are PEFT's keys
+    (`experts.base_layer.lora_A` = gate_up_proj, `experts.lora_A` = down_proj); the outermost
+    wrapper runs the whole chain. Dropout, DoRA and PiSSA are refused here, as PEFT refuses them."""
+
+    def __init__(self, base_layer: nn.Module, parameter_name: str):
+        super().__init__(base_layer)
+        self.parameter_name = parameter_name
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # always empty: no DoRA here
+        self.row_count: int | None = None  # rows of a mixed batch (the wrapped module sees tokens)
+        shape = tuple(self.weight.shape)
+        if len(shape) not in (2, 3):
+            raise LoraError(f"LoRA on parameter {parameter_name!r} needs a 2-D or 3-D parameter, got shape {shape}")
+        self.transposed = len(shape) == 3 and bool(getattr(self.core(), "is_transposed", False))
+        self.num_experts = shape[0] if len(shape) == 3 else 1
+        out_f, in_f = shape[-2:] if not self.transposed else shape[:0:-1]
+        self.in_features, self.out_features = in_f, out_f
+
+    # --- the chain of nested wrappers and the module at its bottom --------------------------------
+    def chain(self) -> list["LoraParameter"]:
+        layers, module = [], self
+        while isinstance(module, LoraParameter):
+            layers.append(module)
+            module = module.base_layer
+        return layers
+
+    def core(self) -> nn.Module:
+        module = self.base_layer
+        while isinstance(module, LoraParameter):
+            module = module.base_layer
+        return module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return dense_param(self.core(), self.parameter_name)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight
+
+    # --- adapters ----------------------------------------------------------------------------
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, init: str = "default",
+                    use_rslora: bool = False, use_dora: bool = False):
+        where = f"parameter {self.parameter_name!r}"
+        if dropout > 0:
+            raise LoraError(f"LoRA dropout is not supported on {where} (its input is inside the module; PEFT "
+                            "refuses it too): use dropout 0")
+        if use_dora or init == "pissa":
+            raise LoraError(f"{'DoRA' if use_dora else 'PiSSA init'} is not supported on {where} (PEFT refuses it too)")
+        self.set_scaling(name, r, alpha, use_rslora)
+        weight = self.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        rows = r * self.num_experts
+        self.lora_A[name] = nn.Linear(self.in_features, rows, bias=False, device=weight.device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(rows, self.out_features, bias=False, device=weight.device, dtype=dtype)
+        self.lora_dropout[name] = nn.Identity()
+        A = self.lora_A[name].weight
+        if init == "gaussian":
+            nn.init.normal_(A, std=1 / r)
+        else:  # as LoraLinear (and PEFT): A kaiming-uniform over the whole (r*E, in) matrix, B zero
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) in PEFT's flat layout: A (r*E, in), B (out, r*E)."""
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def expert_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (E, r, in), B (E, out, r)): each expert's own factors."""
+        return self.split_experts(*self.factors(name))
+
+    def split_experts(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """PEFT's flat A (r*E, in), B (out, r*E) as (A (E, r, in), B (E, out, r))."""
+        E = self.num_experts
+        return A.reshape(E, -1, A.shape[-1]), B.reshape(B.shape[0], -1, E).permute(2, 0, 1)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """dW in the parameter's own shape, float32: (E, out, in) per expert, or (out, in)."""
+        A, B = self.expert_factors(name)
+        delta = torch.bmm(B.float(), A.float()) * self.scaling[name]  # (E, out, in)
+        return self.to_base_layout(delta)
+
+    def to_base_layout(self, matrix: torch.Tensor) -> torch.Tensor:
+        if self.num_experts == 1 and self.weight.dim() == 2:
+            return matrix.reshape(self.out_features, self.in_features)
+        return matrix.transpose(-2, -1) if self.transposed else matrix
+
+    def _add_to_weight(self, delta: torch.Tensor):
+        core = self.core()
+        if callable(getattr(core, "set_dense", None)):  # 4-bit experts: re-quantized (rounds)
+            core.set_dense(self.parameter_name, self.weight.float() + delta)
+            return
+        param = getattr(core, self.parameter_name)
+        with torch.no_grad():
+            param.add_(delta.to(param.dtype))
+
+    def effective_weight(self, names: list[str]) -> torch.Tensor:
+        """W + sum of the adapters' dW, differentiable in the factors (one baddbmm per adapter)."""
+        return self.updated_weight([(*self.expert_factors(name), self.scaling[name]) for name in names])
+
+    def updated_weight(self, updates: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+        """W + sum of s * B_e @ A_e over `updates` [(A (E, r, in), B (E, out, r), s)]."""
+        weight = self.weight
+        stacked = weight if weight.dim() == 3 else weight[None]  # (E, out, in) or (E, in, out)
+        for A, B, scaling in updates:
+            A, B = A.to(weight.dtype), B.to(weight.dtype)
+            left, right = (A.transpose(-2, -1), B.transpose(-2, -1)) if self.transposed else (B, A)
+            stacked = torch.baddbmm(stacked, left, right, alpha=scaling)
+        return stacked if weight.dim() == 3 else stacked[0]
+
+    # --- forward -------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        if self.router is not None:  # a serving kernel: each row's tokens get their adapter's weights
+            return self.router.run_parameters(self, args, kwargs)
+        chain = self.chain()
+        for layer in chain:
+            if layer.disabled and layer.merged:
+                layer.unmerge()
+        if any(layer.row_adapters is not None for layer in chain) and not self.disabled:
+            return self._mixed_forward(chain, args, kwargs)
+        overrides = {}
+        for layer in chain:
+            names = [name for name, _ in layer.routes()]
+            if names:
+                overrides[layer.parameter_name] = layer.effective_weight(names)
+        return call_with(self.core(), overrides, args, kwargs)
+
+    def _mixed_forward(self, chain: list["LoraParameter"], args: tuple, kwargs: dict):
+        """Mixed batch: the module sees (rows * seq) tokens; each row's tokens are recomputed with
+        its adapter's weights and copied over the base result (the modules here act per token)."""
+        groups = {}
+        for layer in chain:
+            for name, rows in layer.routes():
+                groups.setdefault(name, rows)
+        weights = {name: {layer.parameter_name: layer.effective_weight([name]) for layer in chain if name in layer.r}
+                   for name in groups}
+        return run_row_groups(self.core(), self.row_count or 1, [(weights[n], rows) for n, rows in groups.items()],
+                              args, kwargs)
+
+    def extra_repr(self) -> str:
+        return f"parameter={self.parameter_name!r}, experts={self.num_experts}, {super().extra_repr()}"
+
+
+def run_row_groups(core: nn.Module, rows: int, groups: list[tuple[dict[str, torch.Tensor], torch.Tensor]],
+                   args: tuple, kwargs: dict):
+    """`core` on a batch of `rows` rows that it sees flattened to (rows * seq) tokens (MoE experts
+    and routers act per token): the base result, then for each (weights, row index) group the
+    tokens of those rows recomputed with `weights` in place and copied over it."""
+    tokens = next(a for a in args if isinstance(a, torch.Tensor)).shape[0]
+    per_row = tokens // rows
+    out = call_with(core, {}, args, kwargs)
+    for weights, row_index in groups:
+        index = (row_index[:, None] * per_row + torch.arange(per_row, device=row_index.device)).reshape(-1)
+        out = _put(out, index, call_with(core, weights, _take(args, index, tokens), _take(kwargs, index, tokens)))
+    return out
+
+
+def _take(values, index: torch.Tensor, tokens: int):
+    """The rows `index` of every tensor in `values` (a tuple or dict) that has `tokens` rows."""
+    def pick(v):
+        return v[index] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == tokens else v
+
+    return {k: pick(v) for k, v in values.items()} if isinstance(values, dict) else tuple(pick(v) for v in values)
+
+
+def _put(out, index: torch.Tensor, sub):
+    """`out` with rows `index` replaced by `sub` (a tensor, or a tuple of them)."""
+    if isinstance(out, torch.Tensor):
+        return out.index_copy(0, index, sub.to(out.dtype))
+    return type(out)(_put(o, index, s) for o, s in zip(out, sub))
+
+
 # --- quantized base layers (bitsandbytes), kept here so the rest of the code need not care ----
 def is_quantized(layer: nn.Module) -> bool:
     weight = getattr(layer, "weight", None)
@@ -395,7 +599,8 @@ def set_quantized_weight(layer: nn.Module, dense: torch.Tensor):
 
 
 def lora_layer_type(module: nn.Module) -> type[LoraLayer] | None:
-    """The dispatch table: which LoRA wrapper adapts this module (None: not adaptable)."""
+    """The dispatch table: which LoRA wrapper adapts this module (None: not adaptable). Parameter
+    targets (LoraParameter) are chosen by parameter, not module (ops.find_parameter_targets)."""
     if Conv1D is not None and isinstance(module, Conv1D):
         return LoraConv1D
     if isinstance(module, nn.Linear):

@@ -10,15 +10,17 @@ import logging
 import re
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from loraforge import LoraError
-from loraforge.core.config import ALL_LINEAR, LoraConfig, exact_patterns, name_matches
-from loraforge.core.layers import LoraEmbedding, LoraLayer, lora_layer_type
+from loraforge.core.config import ALL_LINEAR, LoraConfig, exact_patterns, name_matches, parameter_matches
+from loraforge.core.layers import LoraEmbedding, LoraLayer, LoraParameter, lora_layer_type
 from loraforge.core.lowrank import concat_factors, truncated_factors
+from loraforge.core.tokens import TrainableTokens, add_trainable_tokens, token_problems, unwrap_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +31,8 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     A module already wrapped counts under its own name; LoRA internals never count."""
     found = {}
     for name, module in model.named_modules():
+        if isinstance(module, LoraParameter):
+            continue  # a parameter target (find_parameter_targets), not a module one
         if isinstance(module, LoraLayer):
             found[name] = module
         elif lora_layer_type(module) and not _inside_lora(name):
@@ -63,7 +67,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
         chosen = {n: m for n, m in candidates.items() if name_matches(n, config.target_modules)}
     if config.exclude_modules:
         chosen = {n: m for n, m in chosen.items() if not name_matches(n, config.exclude_modules)}
-    if not chosen:
+    if not chosen and not find_parameter_targets(model, config):
         raise LoraError(f"target_modules {config.target_modules!r} match no adaptable module; "
                         f"this model has: {summarize_names(candidates)}")
     return chosen
@@ -126,6 +130,172 @@ def check_support(config: LoraConfig, targets: dict[str, nn.Module]) -> list[str
     return problems
 
 
+# --- parameter targets: fused MoE experts and routers (PEFT's target_parameters) ---------------
+FUSED_PARAMETERS = {"gate_up_proj": 2}  # projections fused into one expert parameter (gate and up)
+
+
+@dataclass(frozen=True)
+class ParamTarget:
+    """One parameter to adapt: `owner` (module path) . `parameter`, with its rank and alpha."""
+
+    owner: str
+    parameter: str
+    r: int
+    alpha: float
+
+
+def _expert_model_types() -> set[str]:
+    """Model types whose fused experts PEFT's `all-linear` (and its v4 projection names) adapt:
+    those transformers converts with the Mixtral or Qwen2-MoE pattern (PEFT's conversion tables;
+    Qwen2-MoE itself is not among them, so PEFT leaves its experts alone and so do we)."""
+    try:
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN as table
+    except ImportError:  # pragma: no cover - older transformers stored experts as Linear layers
+        return {"mixtral", "qwen3_moe"}
+    return {t for t, pattern in table.items() if pattern in ("mixtral", "qwen2_moe")} | {"mixtral"}
+
+
+def own_parameters(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of a module's own parameters in definition order (4-bit ones included)."""
+    shapes = getattr(module, "parameter_shapes", None)
+    if callable(shapes):
+        return shapes()
+    return {n: tuple(p.shape) for n, p in module.named_parameters(recurse=False)}
+
+
+def parameter_owners(model: nn.Module) -> dict[str, nn.Module]:
+    """{module path: module} of every module whose own parameters can be targeted, seen through
+    LoRA wrappers (a wrapped experts module counts under its own path)."""
+    owners = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraParameter):
+            if not name.endswith(".base_layer"):
+                owners[name] = module.core()
+        elif not isinstance(module, LoraLayer) and not _inside_lora(name) and own_parameters(module):
+            owners[name] = module
+    return owners
+
+
+def _implicit_parameters(model: nn.Module, owners: dict[str, nn.Module]) -> dict[str, str]:
+    """{parameter path: kind} for the parameters `all-linear` covers beyond Linear layers, as
+    PEFT's does: every 3-D expert parameter ("expert") and the 2-D weight of each router module
+    beside the experts ("router"), on the model types PEFT converts (see _expert_model_types)."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in _expert_model_types():
+        return {}
+    found = {}
+    for path, module in owners.items():
+        experts = {n: s for n, s in own_parameters(module).items() if len(s) == 3}
+        if not experts:
+            continue
+        found.update({f"{path}.{n}": "expert" for n in experts})
+        parent = path.rpartition(".")[0]
+        count = next(iter(experts.values()))[0]
+        for other, sibling in owners.items():
+            shape = own_parameters(sibling).get("weight")
+            if (other.rpartition(".")[0] == parent and other != path and shape and len(shape) == 2
+                    and shape[0] == count and lora_layer_type(sibling) is None):
+                found[f"{other}.weight"] = "router"
+    return found
+
+
+def find_parameter_targets(model: nn.Module, config: LoraConfig) -> dict[str, ParamTarget]:
+    """{parameter path: ParamTarget} that `config` selects. Explicit `target_parameters` match a
+    path or its dotted suffix (PEFT's rule) and get rank_for(path). Through `target_modules`,
+    `all-linear` takes every expert parameter and router weight (_implicit_parameters) and a
+    name or preset takes the expert parameters it names (`mlp`: gate_up_proj, down_proj); a fused
+    gate_up_proj then gets rank and alpha x2, one r for each half, as PEFT's conversion does."""
+    owners = parameter_owners(model)
+    explicit = config.target_parameters or []
+    implicit = _implicit_parameters(model, owners)
+    all_linear = config.target_modules == ALL_LINEAR or (isinstance(config.target_modules, list)
+                                                         and ALL_LINEAR in config.target_modules)
+    chosen = {}
+    for owner, module in owners.items():
+        for pname in own_parameters(module):
+            path = f"{owner}.{pname}"
+            if config.exclude_modules and (name_matches(path, config.exclude_modules)
+                                           or name_matches(owner, config.exclude_modules)):
+                continue
+            factor = FUSED_PARAMETERS.get(pname, 1)
+            if parameter_matches(path, explicit):
+                chosen[path] = ParamTarget(owner, pname, config.rank_for(path), config.alpha_for(path))
+            elif path in implicit and (all_linear or (implicit[path] == "expert"
+                                                      and name_matches(path, config.target_modules))):
+                chosen[path] = ParamTarget(owner, pname, factor * config.rank_for(path),
+                                           factor * config.alpha_for(path))
+    return chosen
+
+
+def parameter_lora_counts(model: nn.Module, config: LoraConfig) -> dict[str, int]:
+    """Trainable parameters of `config`'s parameter targets per label (as parameter_report's):
+    r * E * (in + out) for E experts (E = 1 for a router's 2-D weight)."""
+    owners, counts = parameter_owners(model), Counter()
+    for path, target in find_parameter_targets(model, config).items():
+        shape = own_parameters(owners[target.owner])[target.parameter]
+        experts = shape[0] if len(shape) == 3 else 1
+        label = target.parameter if len(shape) == 3 else target.owner.split(".")[-1]
+        counts[label] += target.r * experts * sum(shape[-2:])
+    return dict(counts)
+
+
+def parameter_rank_notes(model: nn.Module, params: dict[str, ParamTarget]) -> list[str]:
+    """rank_notes for parameter targets: a router's (experts x hidden) weight under r, say."""
+    owners = parameter_owners(model)
+    notes = []
+    for path, target in params.items():
+        shape = own_parameters(owners[target.owner])[target.parameter]
+        if target.r > min(shape[-2:]):
+            notes.append(f"r={target.r} exceeds the smaller side of {path} ({' x '.join(map(str, shape))})")
+    return notes
+
+
+def parameter_problems(model: nn.Module, config: LoraConfig, params: dict[str, ParamTarget]) -> list[str]:
+    """What LoRA on parameters cannot do (PEFT refuses the same), and wrappers that do not fit."""
+    if not params:
+        return []
+    first = next(iter(params))
+    problems = []
+    if config.dropout > 0:
+        problems.append(f"LoRA dropout is not supported on parameter targets such as {first} (their input is "
+                        "inside the module; PEFT refuses it too): use dropout 0")
+    if config.use_dora:
+        problems.append(f"DoRA is not supported on parameter targets such as {first} (PEFT refuses it too)")
+    if config.init == "pissa":
+        problems.append(f"PiSSA init is not supported on parameter targets such as {first}")
+    modules = dict(model.named_modules())
+    for owner, names in _by_owner(params).items():
+        module = modules[owner]
+        wrapped = [layer.parameter_name for layer in module.chain()] if isinstance(module, LoraParameter) else []
+        if wrapped and set(wrapped) != set(names):
+            problems.append(f"{owner} already has LoRA on {', '.join(sorted(wrapped))}; every adapter must target "
+                            f"the same parameters of it (as in PEFT), not {', '.join(names)}")
+    return problems
+
+
+def _by_owner(params: dict[str, ParamTarget]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for target in params.values():
+        grouped.setdefault(target.owner, []).append(target.parameter)
+    return grouped
+
+
+def _attach_parameters(model: nn.Module, params: dict[str, ParamTarget], name: str, config: LoraConfig):
+    """Wrap each owner once per targeted parameter (the first-defined innermost, PEFT's nesting),
+    then add adapter `name` to each wrapper."""
+    modules = dict(model.named_modules())
+    for owner, names in _by_owner(params).items():
+        module = modules[owner]
+        if not isinstance(module, LoraParameter):
+            order = list(own_parameters(module))
+            for pname in sorted(names, key=order.index):
+                module = LoraParameter(module, pname)
+            _set_submodule(model, owner, module)
+        for layer in module.chain():
+            target = params[f"{owner}.{layer.parameter_name}"]
+            layer.add_adapter(name, target.r, target.alpha, init=config.init, use_rslora=config.use_rslora)
+            layer.train(layer.core().training)
+
+
 def saved_module_paths(model: nn.Module, name: str) -> list[str]:
     """PEFT's rule for a modules_to_save entry: the module at that path or at any path ending in
     `.name` (`embed_tokens` selects `model.embed_tokens`)."""
@@ -147,8 +317,11 @@ def attach(model: nn.Module, config: LoraConfig, name: str = "default", activate
     if name in getattr(model, "lora_configs", {}):
         raise LoraError(f"model already has an adapter named {name!r}")
     targets = find_targets(model, config)
-    notes = rank_notes(config, targets)
-    problems = check_support(config, targets) + check_saved_modules(model, config)
+    params = find_parameter_targets(model, config)
+    notes = rank_notes(config, targets) + parameter_rank_notes(model, params)
+    problems = check_support(config, targets) + check_saved_modules(model, config) \
+        + parameter_problems(model, config, params) \
+        + token_problems(model, config.trainable_token_indices, targets)
     if config.init == "pissa":
         problems += [f"{note}: PiSSA takes r singular vectors from the weight" for note in notes]
     if problems:
@@ -160,9 +333,12 @@ def attach(model: nn.Module, config: LoraConfig, name: str = "default", activate
         layer.add_adapter(name, config.rank_for(module_name), config.alpha_for(module_name), config.dropout,
                           config.init, config.use_rslora, config.use_dora)
         layer.train(layer.base_layer.training)  # new dropout / factors follow the model's train/eval mode
+    _attach_parameters(model, params, name, config)
     for entry in config.modules_to_save:
         for module_name in saved_module_paths(model, entry):
             _save_module(model, module_name, name)
+    if config.trainable_token_indices is not None:  # PEFT's trainable tokens (core.tokens)
+        add_trainable_tokens(model, name, config.trainable_token_indices)
     if config.init == "pissa":  # kept to convert to a plain LoRA on save (io._pissa_to_lora)
         layers = dict(lora_layers(model))
         model.lora_initial_factors = getattr(model, "lora_initial_factors", {})
@@ -230,7 +406,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
 
 def _routed(model: nn.Module) -> Iterator[nn.Module]:
     """Every module that chooses per adapter: LoRA layers and modules_to_save wrappers."""
-    return (m for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSave)))
+    return (m for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSave, TrainableTokens)))
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -252,10 +428,10 @@ def delete_adapter(model: nn.Module, name: str):
     _restore_pissa_base(model, name)
     for module in _routed(model):
         for container in ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector", "lora_embedding_A",
-                          "lora_embedding_B", "modules_to_save"):
-            if hasattr(module, container) and name in getattr(module, container):
+                          "lora_embedding_B", "modules_to_save", "trainable_tokens_delta"):
+            if getattr(module, container, None) is not None and name in getattr(module, container):
                 del getattr(module, container)[name]
-        for table in ("r", "lora_alpha", "scaling"):
+        for table in ("r", "lora_alpha", "scaling", "token_indices"):
             getattr(module, table, {}).pop(name, None)
         module.active_adapters = [a for a in module.active_adapters if a != name]
     del model.lora_configs[name]
@@ -321,6 +497,8 @@ def mixed_batch(model: nn.Module, row_adapters: list[str | None]):
     modules = list(_routed(model))
     for module in modules:
         module.row_adapters = routes
+        if isinstance(module, LoraParameter):  # it sees (rows * seq) tokens, not rows
+            module.row_count = len(row_adapters)
     try:
         yield model
     finally:
@@ -335,7 +513,7 @@ def adapter_params(model: nn.Module, names: list[str] | str | None = None) -> di
     params = {}
     for module_name, module in model.named_modules():
         for container in ("lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B",
-                          "modules_to_save"):
+                          "modules_to_save", "trainable_tokens_delta"):
             holder = getattr(module, container, None)
             if not isinstance(holder, (nn.ModuleDict, nn.ParameterDict)):
                 continue
@@ -359,17 +537,31 @@ def set_trainable(model: nn.Module, names: list[str] | None = None):
 def parameter_report(model: nn.Module, names: list[str] | None = None) -> dict:
     """Trainable parameters per module type (last name part) and in total, against the base."""
     adapter = adapter_params(model, names)
+    labels = _parameter_labels(model)
     per_type: Counter = Counter()
     for pname, p in adapter.items():
         parts = pname.split(".")
-        owner = next(i for i, part in enumerate(parts) if part.startswith("lora_") or part == "modules_to_save")
-        per_type[parts[owner - 1] if owner else "model"] += p.numel()
+        owner = next(i for i, part in enumerate(parts)
+                     if part.startswith("lora_") or part in ("modules_to_save", "trainable_tokens_delta"))
+        label = labels.get(".".join(parts[:owner]), parts[owner - 1] if owner else "model")
+        per_type[label] += p.numel()
     ids = {id(p) for p in adapter.values()}
     all_adapters = {id(p) for p in adapter_params(model, adapter_names(model)).values()}
     base = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in all_adapters)
     total = sum(p.numel() for p in adapter.values())
     return {"per_type": dict(per_type), "trainable_params": total, "base_params": base,
             "percent": 100.0 * total / base if base else 0.0, "tensors": len(ids)}
+
+
+def _parameter_labels(model: nn.Module) -> dict[str, str]:
+    """Report labels of parameter targets by wrapper path: the expert parameter's name
+    (gate_up_proj, down_proj), or the owner's name for a 2-D one (a router: gate)."""
+    labels = {}
+    for path, layer in lora_layers(model):
+        if isinstance(layer, LoraParameter):
+            owner = path.split(".base_layer")[0]
+            labels[path] = layer.parameter_name if layer.weight.dim() == 3 else owner.split(".")[-1]
+    return labels
 
 
 def format_report(report: dict) -> str:
@@ -398,14 +590,26 @@ def merge_and_unload(model: nn.Module, names: list[str] | None = None) -> nn.Mod
     merge(model, names)
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
-            _set_submodule(model, name, module.base_layer)
+            if not _nested(name, module):
+                _set_submodule(model, name, _unwrapped(module))
         elif isinstance(module, ModulesToSave):
             chosen = [n for n in names if n in module.modules_to_save]
             _set_submodule(model, name, module.modules_to_save[chosen[-1]] if chosen else module.original_module)
+    unwrap_tokens(model, merge=names)
     _forget_adapters(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _unwrapped(layer: LoraLayer) -> nn.Module:
+    """The plain module under a wrapper (under the whole chain of nested parameter wrappers)."""
+    return layer.core() if isinstance(layer, LoraParameter) else layer.base_layer
+
+
+def _nested(name: str, layer: LoraLayer) -> bool:
+    """An inner parameter wrapper: unwrapping its outermost one removes it too."""
+    return isinstance(layer, LoraParameter) and name.endswith(".base_layer")
 
 
 def _forget_adapters(model: nn.Module):
@@ -421,9 +625,11 @@ def unload(model: nn.Module) -> nn.Module:
         delete_adapter(model, name)
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
-            _set_submodule(model, name, module.base_layer)
+            if not _nested(name, module):
+                _set_submodule(model, name, _unwrapped(module))
         elif isinstance(module, ModulesToSave):
             _set_submodule(model, name, module.original_module)
+    unwrap_tokens(model)
     _forget_adapters(model)
     return model
 
@@ -443,6 +649,9 @@ def combine(model: nn.Module, names: list[str], weights: list[float], new_name: 
         raise LoraError("combine: method must be 'cat', or 'svd' with a rank")
     factors = {}
     for module_name, layer in lora_layers(model):
+        if isinstance(layer, LoraParameter) and any(n in layer.r for n in names):
+            raise LoraError(f"combine: LoRA on the parameter {module_name}.{layer.parameter_name} (MoE experts or "
+                            "router) is not supported; combine adapters of Linear layers only")
         parts = [(*layer.factors(n), w * layer.scaling[n]) for n, w in zip(names, weights) if n in layer.r]
         if not parts:
             continue

@@ -11,7 +11,9 @@ head (for a decoder-only LM: the attention and MLP projections of every decoder 
 `bitsandbytes.nn.Linear4bit` (nf4, blocksize 64, compress_statistics=True) or a
 `bitsandbytes.nn.Linear8bitLt`, under the same module name, so adapters trained over it are saved
 under the usual PEFT keys (`base_model.model.<path>.lora_A.weight`) and load on the
-full-precision base. Embeddings, norms and the output head keep their dtype.
+full-precision base. MoE experts fused into 3-D parameters (transformers 5's Mixtral, Qwen-MoE)
+are stored in NF4 too (`QuantizedParams`: dequantized in the experts' forward); routers,
+embeddings, norms and the output head keep their dtype.
 
     from loraforge.core.quant import quantize_model, weight_bytes
     model = load_model(DEFAULT_MODEL, dtype="bfloat16")
@@ -131,6 +133,101 @@ def to_int8(linear: nn.Linear, threshold: float = INT8_THRESHOLD) -> nn.Module:
     return layer
 
 
+# --- fused MoE experts: 3-D parameters ------------------------------------------------------------
+class QuantizedParams(nn.Module):
+    """A module whose 3-D parameters (transformers 5's fused MoE experts, `experts.gate_up_proj`
+    (E, 2*inter, hidden) and `experts.down_proj` (E, hidden, inter)) are stored as NF4 (the same
+    blocks of 64 with double quantization as a Linear4bit; bitsandbytes' quantize_4bit on the
+    whole stack, so every expert's slice is its own whole blocks whenever in x out is a multiple
+    of 64). The forward dequantizes them and runs the original module (`module`, which keeps
+    everything else) with them in place: the experts' own routing and kernels are unchanged.
+    Under the same module name, so LoRA over it (core.layers.LoraParameter) saves PEFT's keys."""
+
+    def __init__(self, module: nn.Module, names: list[str], blocksize: int = NF4_BLOCKSIZE):
+        super().__init__()
+        bnb = _bnb()
+        for name in names:
+            weight = module._parameters.pop(name).detach()
+            packed = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=blocksize, compress_statistics=True,
+                                       quant_type="nf4")._quantize(weight.device)
+            self.register_parameter(name, packed)
+            del weight
+        self.module = module
+        self.train(module.training)
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{name: shape} of the quantized parameters, as the float ones had."""
+        return {name: tuple(p.quant_state.shape) for name, p in self.named_parameters(recurse=False)}
+
+    def dense_parameter(self, name: str) -> torch.Tensor:
+        import bitsandbytes.functional as bnbF
+
+        packed = getattr(self, name)
+        return bnbF.dequantize_4bit(packed.data, packed.quant_state)  # (E, out, in), the original dtype
+
+    def run_with(self, overrides: dict[str, torch.Tensor], args: tuple, kwargs: dict):
+        weights = {name: overrides[name] if name in overrides else self.dense_parameter(name)
+                   for name in self.parameter_shapes()}
+        return torch.func.functional_call(self.module, weights, args, kwargs, strict=False)
+
+    def forward(self, *args, **kwargs):
+        return self.run_with({}, args, kwargs)
+
+    def set_dense(self, name: str, dense: torch.Tensor):
+        """Re-quantize parameter `name` from a float tensor (merging into it rounds, as for a Linear4bit)."""
+        import warnings
+
+        warnings.warn("merging into a quantized base weight re-quantizes it and rounds the result; "
+                      "merge into a full-precision model instead for an exact merge", stacklevel=3)
+        old = getattr(self, name)
+        self._parameters[name] = _bnb().nn.Params4bit(
+            dense.to(old.quant_state.dtype), requires_grad=False, blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics, quant_type=old.quant_type)._quantize(old.device)
+
+    def dequantized(self, dtype: torch.dtype) -> nn.Module:
+        """The original module with float parameters in `dtype` (this module is then spent)."""
+        for name in list(self.parameter_shapes()):
+            weight = self.dense_parameter(name).to(dtype)
+            self.module.register_parameter(name, nn.Parameter(weight, requires_grad=False))
+        return self.module
+
+
+def quantizable_experts(model: nn.Module) -> dict[str, list[str]]:
+    """{module path: names of its float 3-D parameters}: the fused experts of an MoE model
+    (convolutions, whose weights are 3-D too, are left alone)."""
+    from loraforge.core.layers import LoraLayer
+
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (LoraLayer, QuantizedParams, nn.modules.conv._ConvNd)):
+            continue
+        names = [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.is_floating_point()]
+        if names:
+            found[name] = names
+    return found
+
+
+def _quantize_experts(model: nn.Module, blocksize: int, release: "_Release") -> tuple[int, int, int]:
+    """Replace every fused-experts module by a QuantizedParams; (parameters, bytes before, after)."""
+    count = before = after = 0
+    for name, names in quantizable_experts(model).items():
+        module = model.get_submodule(name)
+        weights = [getattr(module, n) for n in names]
+        before += sum(w.numel() * w.element_size() for w in weights)
+        with torch.no_grad():
+            quantized = QuantizedParams(module, names, blocksize)
+        _set_submodule(model, name, quantized)
+        for weight in weights:
+            release.release(weight)
+        del weights
+        count += len(names)
+        after += sum(p.data.numel() * p.data.element_size() + sum(t.numel() * t.element_size()
+                                                                   for t in _state_tensors(p, None))
+                     for p in quantized.parameters(recurse=False))
+        release.trim(every=TRIM_EVERY)
+    return count, before, after
+
+
 def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: torch.dtype | None = None,
                    blocksize: int = NF4_BLOCKSIZE) -> nn.Module:
     """Replace, in place, every Linear except the output head by its bitsandbytes 4-bit ("nf4") or
@@ -171,13 +268,18 @@ def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: torch.d
         release.release(original.weight)
         del linear, original
         release.trim(every=TRIM_EVERY)
+    experts = _quantize_experts(model, blocksize, release) if method == "nf4" else (0, 0, 0)
+    if method == "int8" and quantizable_experts(model):
+        logger.warning("int8 keeps the fused MoE experts (3-D parameters) in float; --quantize nf4 stores them "
+                       "in 4 bits")
     release.trim()
     linear_after = _linear_bytes(m for m in model.modules() if is_quantized(m))
     after = weight_bytes(model)
     model.loraforge_quantization = {
         "method": method, "layers": n_layers, "blocksize": blocksize if method == "nf4" else None,
         "bytes_before": before, "bytes_after": after,
-        "linear_bytes_before": linear_before, "linear_bytes_after": linear_after}
+        "linear_bytes_before": linear_before, "linear_bytes_after": linear_after,
+        "expert_params": experts[0], "expert_bytes_before": experts[1], "expert_bytes_after": experts[2]}
     logger.info(describe(model))
     return model
 
@@ -191,6 +293,9 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     from loraforge.core.layers import LoraLayer, dequantize
 
     for name, module in list(model.named_modules()):
+        if isinstance(module, QuantizedParams):
+            _set_submodule(model, name, module.dequantized(dtype))
+            continue
         if isinstance(module, LoraLayer) or not is_quantized(module):
             continue
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
@@ -345,9 +450,13 @@ def describe(model: nn.Module) -> str:
     if not info:
         return f"base weights {format_bytes(weight_bytes(model))} (not quantized)"
     extra = f", blocksize {info['blocksize']}, double quantization" if info["method"] == "nf4" else ""
+    experts = ""
+    if info.get("expert_params"):
+        experts = (f"; {info['expert_params']} fused MoE expert parameters in nf4 "
+                   f"{format_bytes(info['expert_bytes_before'])} -> {format_bytes(info['expert_bytes_after'])}")
     return (f"{info['layers']} Linear layers in {info['method']}{extra}: their weights "
             f"{format_bytes(info['linear_bytes_before'])} -> {format_bytes(info['linear_bytes_after'])} "
-            f"({info['linear_bytes_after'] / info['linear_bytes_before']:.3f}x); all base weights "
+            f"({info['linear_bytes_after'] / info['linear_bytes_before']:.3f}x){experts}; all base weights "
             f"{format_bytes(info['bytes_before'])} -> {format_bytes(info['bytes_after'])} "
             f"({info['bytes_after'] / info['bytes_before']:.3f}x)")
 

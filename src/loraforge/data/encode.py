@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import torch
 
 from loraforge import LoraError
+from loraforge.data.chat import chat_prompt_ids, render_chat
 from loraforge.data.records import IGNORE_INDEX, Example, Pair
 
 __all__ = ["EncodedSet", "answer_text", "batches", "block_causal_mask", "collate", "count_answer_tokens",
@@ -36,7 +37,7 @@ def _use_template(tokenizer: Any, chat_template: bool) -> bool:
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+    return render_chat(tokenizer, messages, generation_prompt)
 
 
 def prompt_text(example: Example, tokenizer: Any, chat_template: bool = True) -> str:
@@ -85,8 +86,10 @@ def _encode_parts(example: Example, tokenizer: Any, chat_template: bool) -> Pair
         if eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
         return [], ids
-    templated = _use_template(tokenizer, chat_template)  # a template writes its own bos
-    prompt = _ids(tokenizer, prompt_text(example, tokenizer, chat_template), special=not templated)
+    if _use_template(tokenizer, chat_template):  # the ids serve builds for the same messages (data.chat)
+        prompt = chat_prompt_ids(tokenizer, example.messages)
+    else:
+        prompt = _ids(tokenizer, prompt_text(example, tokenizer, chat_template), special=True)
     return prompt, _ids(tokenizer, answer_text(example, tokenizer, chat_template), special=False)
 
 

@@ -88,6 +88,7 @@ class AdapterRegistry:
             raise LoraError(f"adapters directory {root} does not exist")
         self.allowed = [Path(p).resolve() for p in allowed_roots]
         self.runtime: dict[str, Path] = {}
+        self.versions: Counter = Counter()  # name -> runtime (un)registrations: a reloaded name is a new adapter
         self.lock = threading.Lock()
 
     def available(self) -> dict[str, Path]:
@@ -116,6 +117,10 @@ class AdapterRegistry:
                 return path
         raise AdapterNotFound(f"the model '{name}' does not exist")
 
+    def version(self, name: str) -> int:
+        with self.lock:
+            return self.versions[name]
+
     def is_runtime(self, name: str) -> bool:
         with self.lock:
             return name in self.runtime
@@ -142,6 +147,7 @@ class AdapterRegistry:
             if name in self.runtime or name in taken:
                 raise BadAdapterName(f"an adapter named '{name}' is already being served")
             self.runtime[name] = resolved
+            self.versions[name] += 1
         return resolved
 
     def confine(self, directory: Path):
@@ -170,6 +176,7 @@ class AdapterRegistry:
         with self.lock:
             if name in self.runtime:
                 del self.runtime[name]
+                self.versions[name] += 1
                 return
         if name in self.available():
             raise BadAdapterName(f"adapter '{name}' is served from the adapters directory; remove its "
@@ -271,7 +278,8 @@ class AdapterCache:
         factors = self._read(name, path)
         self.kernel.set_slot(slot, factors)
         self.loads += 1
-        entry = Loaded(slot, stamp, max((A.shape[0] for A, _, _ in factors.values()), default=0))
+        entry = Loaded(slot, stamp, max((A.shape[0] // getattr(layer, "num_experts", 1)
+                                         for layer, (A, _, _) in factors.items()), default=0))
         self.loaded[name] = entry
         self.metrics.adapter_loads.inc()
         self.metrics.loaded_adapters.set(len(self.loaded))
@@ -296,6 +304,9 @@ def peek_config(path: Path) -> LoraConfig:
         raise LoraError("DoRA adapters are not served unmerged; serve it alone with --merge")
     if config.modules_to_save:
         raise LoraError("adapters with modules_to_save are not served unmerged; serve it alone with --merge")
+    if config.trainable_token_indices is not None:  # new tokens: the base's vocabulary and tokenizer lack them
+        raise LoraError("adapters with trainable tokens (--add-tokens) need the grown vocabulary and tokenizer: "
+                        "merge it first (loraforge merge) and serve the merged model")
     return config
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import json
 import logging
+import threading
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import anyio
@@ -22,11 +24,16 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraforge import LoraError, one_line
+from loraforge.data.chat import chat_prompt_ids
 from loraforge.serve import protocol as P
 from loraforge.serve.adapters import (AdapterForbidden, AdapterLoadFailed, AdapterNotFound, AdapterRegistry,
                                       BadAdapterName, BadAdapterPath, check_name)
+from loraforge.serve.constrain import BadConstraint, Constraint, Grammar, GrammarCompiler
 from loraforge.serve.engine import (Engine, Event, GenerationFailed, GenerationRequest, QueueFull, SamplingParams,
                                     Sequence, TokenLogprob, sample_seed)
+from loraforge.serve.tool_calls import (BadToolMessage, ParsedCall, ToolCallParser, forced_constraint,
+                                        split_output, template_takes_tools, template_turns, tool_dicts,
+                                        with_tool_prompt)
 
 log = logging.getLogger("loraforge.serve")
 DEFAULT_MAX_BODY_BYTES = 8 * 2 ** 20
@@ -79,9 +86,26 @@ class ServeState:
     base_root: str  # where the base model came from (/v1/models `root`)
     merged: bool = False  # an adapter is folded into the base: only base_name is served
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies are refused (413) unread
+    _grammars: GrammarCompiler | None = field(default=None, init=False, repr=False)
+    _grammars_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self):
         self.max_prompt_chars = self.engine.context * longest_token(self.engine.tokenizer)
+
+    def grammars(self) -> GrammarCompiler:
+        """The structured-output compiler for this model's tokenizer, made on first use."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                engine = self.engine
+                self._grammars = GrammarCompiler(engine.tokenizer, logits_width(engine.model), engine.eos_ids)
+            return self._grammars
+
+
+def logits_width(model) -> int:
+    """The vocabulary size of the model's logits (its output embedding's rows)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if weight is not None else int(model.config.vocab_size)
 
 
 def longest_token(tokenizer) -> int:
@@ -322,19 +346,22 @@ def _add_generation_routes(app: FastAPI, state: ServeState):
     async def completions(body: P.CompletionRequest, request: Request):
         prompts = await asyncio.to_thread(completion_prompts, state, body.prompt)
         check_choices(body, len(prompts))
+        grammar = await asyncio.to_thread(request_grammar, state, body)
         if body.stream:
-            return await stream_one(state, request, body, prompts[0].ids, chat=False)
-        results = await run_rows(state, request, body, [prompt.ids for prompt in prompts], chat=False)
+            return await stream_one(state, request, body, prompts[0].ids, chat=False, grammar=grammar)
+        results = await run_rows(state, request, body, [prompt.ids for prompt in prompts], chat=False,
+                                 grammar=grammar)
         choices = await asyncio.to_thread(completion_choices, state.engine.tokenizer, body, prompts, results)
         return P.completions(P.new_id("cmpl"), body.model, choices, choices_usage(prompts, results))
 
     @app.post("/v1/chat/completions")
     async def chat(body: P.ChatRequest, request: Request):
-        prompt = await asyncio.to_thread(chat_prompt, state, body.messages)
+        prompt = await asyncio.to_thread(chat_prompt, state, body.messages, tools=body.tools)
         check_choices(body, 1)
+        grammar = await asyncio.to_thread(request_grammar, state, body)
         if body.stream:
-            return await stream_one(state, request, body, prompt, chat=True)
-        results = await run_rows(state, request, body, [prompt], chat=True)
+            return await stream_one(state, request, body, prompt, chat=True, grammar=grammar)
+        results = await run_rows(state, request, body, [prompt], chat=True, grammar=grammar)
         choices = await asyncio.to_thread(chat_choices, state.engine.tokenizer, body, results)
         return P.chat_completions(P.new_id("chatcmpl"), body.model, choices,
                                   choices_usage([Prompt(prompt)], results))
@@ -403,18 +430,29 @@ def check_choices(body: P._Sampling, n_prompts: int):
 
 
 def chat_prompt(state: ServeState, messages: list[P.ChatMessage], add_generation_prompt: bool = True,
-                add_special_tokens: bool = False) -> list[int]:
+                add_special_tokens: bool = False, tools: list[P.Tool] | None = None) -> list[int]:
+    """The prompt ids of a chat. Tools go to the template when it renders them, else into the
+    system message (serve.tool_calls); tool calls and tool results likewise."""
     tokenizer = state.engine.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", "no_chat_template")
-    turns = [{"role": m.role, "content": m.text()} for m in messages]
-    check_prompt_chars(state, sum(len(t["content"]) + len(t["role"]) for t in turns), "messages")
+    own_format = template_takes_tools(tokenizer)
     try:
-        text = tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, tokenize=False)
+        turns = template_turns(messages, own_format)
+    except BadToolMessage as err:
+        raise ApiError(400, str(err), "invalid_messages", "messages") from None
+    extra = {}
+    if tools and own_format:
+        extra["tools"] = tool_dicts(tools)
+    elif tools:
+        turns = with_tool_prompt(turns, tools)
+    chars = sum(len(t["content"]) + len(t["role"]) for t in turns) + len(json.dumps(extra.get("tools", [])))
+    check_prompt_chars(state, chars, "messages")
+    try:  # data.chat: the one home of messages -> ids, shared with the trainer
+        return chat_prompt_ids(tokenizer, turns, add_generation_prompt, add_special_tokens, **extra)
     except Exception as err:  # noqa: BLE001 - template errors (e.g. unsupported roles) are the client's
         raise ApiError(400, f"cannot apply the chat template: {one_line(err)}", "invalid_messages",
                        "messages") from None
-    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
 
 def check_prompt_chars(state: ServeState, chars: int, param: str):
@@ -442,7 +480,67 @@ def resolve_model(state: ServeState, name: str) -> str | None:
     return name
 
 
-def sampling_params(state: ServeState, body: P._Sampling, n_prompt: int, chat: bool) -> SamplingParams:
+def request_constraint(body: P._Sampling) -> Constraint | None:
+    """What the request's output must match: a forced tool call, structured_outputs or
+    response_format (at most one of them: the protocol refuses the others)."""
+    forced = body.forced_tool() if isinstance(body, P.ChatRequest) else None
+    if forced:
+        return forced_constraint(forced)
+    formats, outputs = body.response_format, body.structured_outputs
+    if formats is not None and formats.type != "text" and outputs is not None:
+        raise ApiError(400, "give either response_format or structured_outputs, not both", "invalid_request",
+                       "structured_outputs")
+    if outputs is not None:
+        return structured_constraint(outputs)
+    if formats is None or formats.type == "text":
+        return None
+    if formats.type == "json_object":
+        return Constraint("json_object", None, "response_format")
+    return Constraint("json_schema", schema_value(formats.json_schema.json_schema, "response_format"),
+                      "response_format")
+
+
+def structured_constraint(outputs: P.StructuredOutputs) -> Constraint:
+    param = "structured_outputs"
+    if outputs.json_ is not None:
+        return Constraint("json_schema", schema_value(outputs.json_, param), param)
+    if outputs.json_object:
+        return Constraint("json_object", None, param)
+    if outputs.regex is not None:
+        return Constraint("regex", outputs.regex, param)
+    if outputs.choice is not None:
+        return Constraint("choice", outputs.choice, param)
+    return Constraint("grammar", outputs.grammar, param)
+
+
+def schema_value(schema: dict | bool | str, param: str) -> dict | bool:
+    """A JSON schema given as an object (or as JSON text); `false` matches nothing and is refused."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError:
+            raise ApiError(400, f"{param}: the JSON schema is not valid JSON", "invalid_structured_output",
+                           param) from None
+    if schema is False or not isinstance(schema, (dict, bool)):
+        raise ApiError(400, f"{param}: the JSON schema must be an object (or true)", "invalid_structured_output",
+                       param)
+    return schema
+
+
+def request_grammar(state: ServeState, body: P._Sampling) -> Grammar | None:
+    """The compiled constraint of a request (a worker thread: compiling may take a while), None
+    without one. Every tool's parameters schema is checked when tools are given."""
+    try:
+        if isinstance(body, P.ChatRequest) and body.tools:
+            state.grammars().compile(forced_constraint(body.tools))
+        constraint = request_constraint(body)
+        return state.grammars().compile(constraint) if constraint is not None else None
+    except BadConstraint as err:
+        raise ApiError(400, str(err), "invalid_structured_output", err.param) from None
+
+
+def sampling_params(state: ServeState, body: P._Sampling, n_prompt: int, chat: bool,
+                    grammar: Grammar | None = None) -> SamplingParams:
     context = state.engine.context
     if n_prompt == 0:
         raise ApiError(400, "the prompt is empty", "invalid_prompt", "prompt")
@@ -459,13 +557,14 @@ def sampling_params(state: ServeState, body: P._Sampling, n_prompt: int, chat: b
     logprobs = body.top_count() if chat else body.logprobs
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                           stop=body.stop_list(), seed=body.seed, ignore_eos=body.ignore_eos, logprobs=logprobs,
-                          prompt_logprobs=logprobs if not chat and body.echo else None)
+                          prompt_logprobs=logprobs if not chat and body.echo else None, grammar=grammar)
 
 
-async def stream_one(state: ServeState, request: Request, body: P._Sampling, prompt: list[int], chat: bool):
+async def stream_one(state: ServeState, request: Request, body: P._Sampling, prompt: list[int], chat: bool,
+                     grammar: Grammar | None = None):
     """A streamed answer: one choice, as server-sent events."""
     adapter = await asyncio.to_thread(resolve_model, state, body.model)
-    params = sampling_params(state, body, len(prompt), chat)
+    params = sampling_params(state, body, len(prompt), chat, grammar)
     stream = EventStream()
     seq = state.engine.submit(GenerationRequest(prompt, adapter, params), stream.sink)  # QueueFull: 429
     first = await first_event(request, stream, state.engine, seq)
@@ -475,11 +574,12 @@ async def stream_one(state: ServeState, request: Request, body: P._Sampling, pro
 
 
 async def run_rows(state: ServeState, request: Request, body: P._Sampling, prompts: list[list[int]],
-                   chat: bool) -> list[tuple[str, Event]]:
+                   chat: bool, grammar: Grammar | None = None) -> list[tuple[str, Event]]:
     """Generate `n` samples of each prompt, all submitted at once so that the engine batches
-    them; their (text, done event) in OpenAI's choice order: prompt index x n + sample index."""
+    them; their (text, done event) in OpenAI's choice order: prompt index x n + sample index.
+    Each sample of a constrained request gets its own matcher of `grammar` (serve.engine)."""
     adapter = await asyncio.to_thread(resolve_model, state, body.model)
-    params = [sampling_params(state, body, len(prompt), chat) for prompt in prompts]
+    params = [sampling_params(state, body, len(prompt), chat, grammar) for prompt in prompts]
     engine, submitted = state.engine, []
     try:
         for prompt, param in zip(prompts, params):
@@ -527,8 +627,19 @@ def chat_choices(tokenizer, body: P.ChatRequest, results: list[tuple[str, Event]
             logprobs = {"content": [P.chat_logprob(piece(e.token), e.logprob,
                                                    [(piece(t), lp) for t, lp in e.top.items()])
                                     for e in last.logprobs]}
-        choices.append(P.chat_choice(index, text, last.finish_reason, logprobs))
+        content, calls = (text, []) if body.tool_mode() == "none" else split_output(text, tool_names(body))
+        choices.append(P.chat_choice(index, content, tool_finish(last.finish_reason, calls), logprobs,
+                                     [call.as_dict() for call in calls]))
     return choices
+
+
+def tool_names(body: P.ChatRequest) -> set[str]:
+    return {tool.function.name for tool in body.tools or []}
+
+
+def tool_finish(reason: str | None, calls: list) -> str | None:
+    """OpenAI's finish_reason: "tool_calls" when the model called tools and stopped on its own."""
+    return "tool_calls" if calls and reason == "stop" else reason
 
 
 def logprobs_of(tokenizer, entries: list[TokenLogprob], start: int) -> dict:
@@ -604,18 +715,37 @@ async def completion_sse(stream: EventStream, event: Event, rid: str, body: P._S
 
 
 async def chat_sse(stream: EventStream, event: Event, rid: str, body: P._Sampling) -> AsyncIterator[str]:
+    """Chat chunks; with tools, text deltas go through the tool-call parser: content streams as
+    it settles, each call as two deltas (id + name, then its arguments) once it closes."""
+    tools = ToolCallParser(tool_names(body)) if body.tool_mode() != "none" else None
+    calls = 0
     yield sse(P.chat_chunk(rid, body.model, {"role": "assistant", "content": ""}, None))
     while event.kind == "delta":
-        yield sse(P.chat_chunk(rid, body.model, {"content": event.text}, None))
+        for part in tools.feed(event.text) if tools else [event.text]:
+            for delta in chat_deltas(part, calls):
+                yield sse(P.chat_chunk(rid, body.model, delta, None))
+            calls += isinstance(part, ParsedCall)
         event = await stream.get()
     if event.kind == "error":
         yield sse(P.error_body(str(event.error), "server_error", "generation_failed"))
         return
-    yield sse(P.chat_chunk(rid, body.model, {}, event.finish_reason))
+    for part in tools.finish() if tools else []:
+        for delta in chat_deltas(part, calls):
+            yield sse(P.chat_chunk(rid, body.model, delta, None))
+        calls += isinstance(part, ParsedCall)
+    yield sse(P.chat_chunk(rid, body.model, {}, tool_finish(event.finish_reason, [None] * calls)))
     if body.include_usage():
         use = P.usage(event.prompt_tokens, event.completion_tokens)
         yield sse(P.usage_chunk(rid, body.model, "chat.completion.chunk", use))
     yield "data: [DONE]\n\n"
+
+
+def chat_deltas(part: str | ParsedCall, index: int) -> list[dict]:
+    """The chunk deltas of settled content, or of tool call number `index` (OpenAI's shape)."""
+    if isinstance(part, str):
+        return [{"content": part}]
+    head = {"index": index, "id": part.id, "type": "function", "function": {"name": part.name, "arguments": ""}}
+    return [{"tool_calls": [head]}, {"tool_calls": [{"index": index, "function": {"arguments": part.arguments}}]}]
 
 
 # --- the tokenizer (vLLM's endpoints) ----------------------------------------------------------------

@@ -3,7 +3,8 @@
 A background thread owns the model. Each step it (1) runs queued tasks (adapter load/unload),
 (2) admits waiting requests while the batch has room and their adapter has (or gets) a kernel
 slot, (3) prefills the admitted prompts (left-padded, grouped so that rows x longest prompt stays
-within `prefill_tokens`; a prompt longer than that is prefilled alone, whole) and samples their
+within `prefill_tokens`; a prompt longer than that is prefilled alone, whole; a prompt prefix
+already prefilled on the same adapter weights is read from serve.prefix_cache) and samples their
 first token, then (4) runs one decode step for every running sequence, each
 row with its own adapter (serve.kernel) and its own KV rows (serve.kvcache). Finished or
 cancelled sequences leave between steps; new ones join. Other threads talk to it through
@@ -29,9 +30,11 @@ from loraforge import LoraError, one_line
 from loraforge.core.ops import lora_layers
 from loraforge.models.generate import completion_text
 from loraforge.serve.adapters import AdapterCache, AdapterRegistry
+from loraforge.serve.constrain import Grammar, Matcher
 from loraforge.serve.kernel import MultiLoraKernel
-from loraforge.serve.kvcache import BatchCache, empty_batch, new_cache
+from loraforge.serve.kvcache import BatchCache, empty_batch, end_prefill, new_cache, stacked_past, start_prefill
 from loraforge.serve.metrics import ServeMetrics
+from loraforge.serve.prefix_cache import PrefixCache, past_kv
 
 log = logging.getLogger("loraforge.serve")
 
@@ -54,6 +57,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # record each generated token's logprob and this many top tokens
     prompt_logprobs: int | None = None  # the same for every prompt token (from the prefill logits)
+    grammar: Grammar | None = None  # structured output: each row's tokens held to it (serve.constrain)
 
 
 @dataclass
@@ -112,17 +116,20 @@ class Sequence:
         self.last_token_at: float | None = None
         seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator().manual_seed(seed % 2 ** 64)  # any int: torch takes 64 bits
+        grammar = self.params.grammar
+        self.matcher: Matcher | None = grammar.matcher() if grammar is not None else None  # this row's own
 
 
 class Engine:
     def __init__(self, model: nn.Module, tokenizer, registry: AdapterRegistry | None = None, max_batch: int = 16,
                  max_loaded: int = 8, max_queue: int = 256, prefill_tokens: int = 4096,
-                 metrics: ServeMetrics | None = None):
+                 metrics: ServeMetrics | None = None, prefix_cache_mb: float = 0.0):
         if max_batch < 1 or max_queue < 0:
             raise LoraError("max_batch must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.metrics = metrics or ServeMetrics()
+        self.prefix = PrefixCache(int(prefix_cache_mb * 2 ** 20), self.metrics)  # 0 MB: disabled
         self.device = next(model.parameters()).device
         self.context = context_length(model)
         self.eos_ids = eos_token_ids(model, tokenizer)
@@ -294,10 +301,20 @@ class Engine:
     def _prefill_chunks(self, seqs: list[Sequence]) -> list[list[Sequence]]:
         """Split admitted sequences so that rows x longest prompt stays within the token budget.
         Sequences that score their prompt are prefilled apart: only their chunks keep the logits
-        of every position (rows x width x vocab floats, within the same budget)."""
+        of every position (rows x width x vocab floats, within the same budget). Prompts with a
+        cached prefix are prefilled apart from those without: in one chunk, the longest uncached
+        part of any row sets the columns computed for all rows."""
         plain = [s for s in seqs if s.params.prompt_logprobs is None]
         scoring = [s for s in seqs if s.params.prompt_logprobs is not None]
-        return self._budget_chunks(plain) + self._budget_chunks(scoring)
+        hit = [self._has_cached_prefix(s) for s in plain]
+        cached = [s for s, h in zip(plain, hit) if h]
+        cold = [s for s, h in zip(plain, hit) if not h]
+        return self._budget_chunks(cached) + self._budget_chunks(cold) + self._budget_chunks(scoring)
+
+    def _has_cached_prefix(self, seq: Sequence) -> bool:
+        if not self.prefix.enabled:
+            return False
+        return self.prefix.cached(self._adapter_key(seq), seq.prompt, len(seq.prompt) - 1) > 0
 
     def _budget_chunks(self, seqs: list[Sequence]) -> list[list[Sequence]]:
         chunks, current = [], []
@@ -332,9 +349,14 @@ class Engine:
             mask[row, width - len(seq.prompt):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        part = BatchCache(new_cache(self.model.config), mask)
+        keys = [self._adapter_key(s) for s in seqs]
+        past, cache = self._reuse_prefixes(seqs, keys, width)  # leading columns read from the prefix cache
+        part = BatchCache(cache, mask)
         scoring = any(s.params.prompt_logprobs is not None for s in seqs)
-        logits = self._forward(ids, mask, positions, part.cache, [s.slot for s in seqs], every_position=scoring)
+        logits = self._forward(ids[:, past:], mask, positions[:, past:], part.cache, [s.slot for s in seqs],
+                               every_position=scoring)
+        self._cache_prompts(seqs, keys, part.cache)
+        end_prefill(part.cache)
         for row, seq in enumerate(seqs):
             self.metrics.prompt_tokens.inc(len(seq.prompt))
             if seq.params.prompt_logprobs is not None:
@@ -349,6 +371,44 @@ class Engine:
         if keep:
             self.batch.extend(part)
             self.running = self.running + [seqs[i] for i in keep]
+
+    # --- the prefix cache ---------------------------------------------------------------------
+    def _adapter_key(self, seq: Sequence) -> tuple:
+        """What identifies the weights seq is served with: its adapter's name, registry version
+        and the stamp of the files in its (pinned) slot; a reloaded adapter gets a new key."""
+        name = seq.request.adapter
+        if name is None or self.adapters is None:
+            return ("base",)
+        return (name, self.adapters.registry.version(name), self.adapters.loaded[name].stamp)
+
+    def _reuse_prefixes(self, seqs: list[Sequence], keys: list[tuple], width: int) -> tuple[int, object]:
+        """(past, cache): this prefill computes only its last `query` = width - past columns, the
+        longest uncached part of any row (at least each prompt's last token, whose logits sample);
+        `cache` holds the KV of the `past` columns before them: each row's first len(prompt) - query
+        tokens from the prefix cache, left padded. Rows that score their prompt need the logits of
+        every prompt position: their chunks read nothing (past 0) and only fill the cache."""
+        cache = start_prefill(new_cache(self.model.config))
+        if not self.prefix.enabled or any(s.params.prompt_logprobs is not None for s in seqs):
+            return 0, cache
+        found = [self.prefix.lookup(key, s.prompt, len(s.prompt) - 1) for s, key in zip(seqs, keys)]
+        query = max(len(s.prompt) - len(blocks) * self.prefix.block for s, blocks in zip(seqs, found))
+        for seq in seqs:
+            self.prefix.record(max(0, len(seq.prompt) - query))
+        if query == width:
+            return 0, cache
+        rows = [past_kv(blocks, len(s.prompt) - query) if len(s.prompt) > query else None
+                for s, blocks in zip(seqs, found)]
+        return width - query, stacked_past(cache, rows, width - query)
+
+    def _cache_prompts(self, seqs: list[Sequence], keys: list[tuple], cache):
+        """Offer each prompt's KV (right after its prefill: every layer's last columns are the
+        prompts' ends) to the prefix cache."""
+        if not self.prefix.enabled:
+            return
+        for row, (seq, key) in enumerate(zip(seqs, keys)):
+            tails = [(layer.keys[row, :, -len(seq.prompt):], layer.values[row, :, -len(seq.prompt):])
+                     for layer in cache.layers]
+            self.prefix.insert(key, seq.prompt, tails)
 
     def _decode(self):
         ids = torch.tensor([[s.generated[-1]] for s in self.running], dtype=torch.long, device=self.device)
@@ -379,7 +439,10 @@ class Engine:
     # --- tokens -> text -> events --------------------------------------------------------------
     def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """Sample one token per row, send text, finish rows that are done; returns rows to keep.
-        A row whose sampling or text handling fails ends with an error; the other rows go on."""
+        A row whose sampling, grammar or text handling fails ends with an error; the other rows
+        go on. A constrained row samples from its own masked copy of its logits (the others'
+        logits are never touched) and ends ("stop") when its grammar does; logprobs are the
+        model's, before the mask."""
         greedy = logits.argmax(dim=-1).tolist()
         broken = (logits.isnan() | logits.isposinf()).any(dim=-1).tolist()
         now = time.perf_counter()
@@ -391,11 +454,17 @@ class Engine:
             try:
                 if broken[row]:
                     raise LoraError("the model produced NaN or infinite logits for this request")
-                token = sample_token(logits[row], greedy[row], seq)
+                if seq.matcher is not None:
+                    token = constrained_token(logits[row], seq)
+                else:
+                    token = sample_token(logits[row], greedy[row], seq)
                 if seq.params.logprobs is not None:
                     seq.logprobs.append(token_logprob(torch.log_softmax(logits[row], dim=-1), token,
                                                       seq.params.logprobs))
                 alive = self._advance(seq, token)
+                if alive and seq.matcher is not None and seq.matcher.ended:
+                    self._send_text(seq, final=True)
+                    alive = self._finish(seq, reason="stop")
             except Exception as err:  # noqa: BLE001 - this row's fault: end this row only
                 log.warning("request %d failed: %s", seq.id, one_line(err), exc_info=not isinstance(err, LoraError))
                 alive = self._finish(seq, error=row_error(err))
@@ -508,6 +577,15 @@ def sample_token(logits: torch.Tensor, greedy: int, seq: Sequence) -> int:
     scaled = (row - row.max()) / p.temperature  # <= 0 everywhere, 0 at the most likely token
     probs = top_p_filter(torch.softmax(scaled, dim=-1), p.top_p)
     return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+
+def constrained_token(logits: torch.Tensor, seq: Sequence) -> int:
+    """The next token of a constrained row: sampled (or argmax) from its logits with the tokens
+    its grammar forbids masked out; the row's matcher advances with it."""
+    masked = seq.matcher.mask(logits)  # (vocab,), a copy
+    token = sample_token(masked, int(masked.argmax()), seq)
+    seq.matcher.accept(token)
+    return token
 
 
 def token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:

@@ -18,6 +18,11 @@ How a forward applies them depends on the batch (`set_rows`):
             the same rows (gathering costs about as much as the matmuls themselves)
 The kernel is installed as `LoraLayer.router`: the wrappers compute the base output and the
 kernel adds the routed LoRA increment.
+
+LoRA on MoE expert parameters and routers (core.layers.LoraParameter) is an update of the weight
+the module uses inside (it routes tokens itself), not an increment to its output: per layer the
+kernel keeps each slot's per-expert factors, and runs the module once with W + s B_e A_e for the
+rows of each adapter in the batch (`run_parameters`), the base rows with W.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from loraforge import LoraError
-from loraforge.core.layers import LoraLayer, LoraLinear
+from loraforge.core.layers import LoraLayer, LoraLinear, LoraParameter, call_with, run_row_groups
 
 # Per-adapter matmuls ("groups") read each adapter once but cost a few small ops per adapter;
 # gathering reads one adapter per row in two ops. Groups win for a few adapters over many rows.
@@ -46,18 +51,27 @@ class MultiLoraKernel:
         self.ranks = [0] * (capacity + 1)  # rank per slot (0: empty)
         self.stacks: dict[LoraLayer, Pair] = {}  # layer -> (A (n, r_max, in), B (n, out, r_max))
         self.plan: tuple = ("base",)  # how the next forward routes rows (see set_rows)
+        self.batch_rows = 0  # rows of the next forward (set_rows)
         self.device = torch.device("cpu")
         self.group_limit, self.rows_per_group = GROUP_LIMIT, ROWS_PER_GROUP
         self.views: dict[int, dict[LoraLayer, Pair]] = {}  # slot -> layer -> (A (r, in), B (out, r))
         self.row_stacks: dict[LoraLayer, Pair] = {}  # layer -> (At (rows, in, r), Bt (rows, r, out))
         self.kept_slots: list[int] | None = None  # the rows that row_stacks were gathered for
+        self.slots: list[int] = []  # the slot of each batch row (set_rows)
+        # LoraParameter -> slot -> (A (E, r, in), B (E, out, r) * scaling): expert / router factors
+        self.expert_slots: dict[LoraParameter, dict[int, Pair]] = {}
 
     # --- installing on a model ---------------------------------------------------------
     def install(self, layers: list[LoraLayer]):
         """Become the router of `layers`, giving new ones empty (zero) stacks."""
         for layer in layers:
+            if isinstance(layer, LoraParameter):
+                layer.router = self
+                self.expert_slots.setdefault(layer, {})
+                continue
             if not isinstance(layer, LoraLinear):
-                raise LoraError(f"serving supports LoRA on Linear layers only, not {type(layer).__name__}")
+                raise LoraError(f"serving supports LoRA on Linear layers and MoE expert / router parameters only, "
+                                f"not {type(layer).__name__}")
             layer.router = self
             self.device = layer.base_layer.weight.device
             if layer not in self.stacks:
@@ -88,11 +102,15 @@ class MultiLoraKernel:
         if not 1 <= slot <= self.capacity:
             raise LoraError(f"slot {slot} is outside 1..{self.capacity}")
         self.install(list(factors))
-        rank = max((A.shape[0] for A, _, _ in factors.values()), default=0)
+        rank = max((A.shape[0] for layer, (A, _, _) in factors.items() if layer in self.stacks), default=0)
         if rank > self.r_max:
             self._grow_rank(rank)
         self.clear_slot(slot)
         for layer, (A, B, scaling) in factors.items():
+            if isinstance(layer, LoraParameter):  # PEFT's flat layout -> per-expert factors
+                A_e, B_e = layer.split_experts(A, B)
+                self.expert_slots[layer][slot] = (A_e.clone(), (B_e.float() * scaling).to(B_e.dtype))
+                continue
             stack_A, stack_B = self.stacks[layer]
             r = A.shape[0]
             stack_A[slot, :r] = A.to(stack_A.dtype)
@@ -105,6 +123,8 @@ class MultiLoraKernel:
         for A, B in self.stacks.values():
             A[slot].zero_()
             B[slot].zero_()
+        for per_slot in self.expert_slots.values():
+            per_slot.pop(slot, None)
         self.ranks[slot] = 0
 
     def _invalidate(self):
@@ -120,6 +140,8 @@ class MultiLoraKernel:
         """Choose the adapter slot of each batch row for the next forward pass(es).
         reuse=True (decode steps): per-row weights are gathered once and reused by later
         steps for as long as the batch keeps the same rows."""
+        self.batch_rows = len(slots)
+        self.slots = list(slots)
         used = sorted({s for s in slots if s})
         if not used:
             self.plan = ("base",)
@@ -156,6 +178,20 @@ class MultiLoraKernel:
             views[layer] = (A[slot, :r], B[slot, :, :r].contiguous())
         return views[layer]
 
+    def run_parameters(self, layer: LoraParameter, args: tuple, kwargs: dict):
+        """The router of a LoraParameter chain: its module run with each row's adapter weights."""
+        chain, core = layer.chain(), layer.core()
+        slots = self.slots if self.plan[0] != "base" else []
+        used = sorted({s for s in slots if s and any(s in self.expert_slots.get(c, {}) for c in chain)})
+        if not used:
+            return call_with(core, {}, args, kwargs)
+        weights = {s: {c.parameter_name: c.updated_weight([(*self.expert_slots[c][s], 1.0)])
+                       for c in chain if s in self.expert_slots.get(c, {})} for s in used}
+        if len(used) == 1 and all(s == used[0] for s in slots):
+            return call_with(core, weights[used[0]], args, kwargs)
+        groups = [(weights[s], self._rows_of(slots, s)) for s in used]
+        return run_row_groups(core, len(slots), groups, args, kwargs)
+
     def __call__(self, layer: LoraLayer, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """The router: base_out (B, ..., out) plus each row's LoRA increment."""
         kind = self.plan[0]
@@ -163,6 +199,9 @@ class MultiLoraKernel:
             return base_out
         if kind == "one":
             return add_lora(base_out, x, *self._slot_view(layer, self.plan[1]))
+        if x.dim() == 2 and x.shape[0] != self.batch_rows:  # (rows * tokens, in): OPT / Qwen2-MoE MLPs flatten rows
+            rows, out = self.batch_rows, base_out.shape
+            return self(layer, x.view(rows, -1, x.shape[-1]), base_out.view(rows, -1, out[-1])).view(out)
         if kind == "rows":
             return add_lora_rows(base_out, x, *self.row_stacks[layer])
         if kind == "groups":

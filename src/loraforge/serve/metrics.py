@@ -23,6 +23,16 @@ class ServeMetrics:
         self.tpot = Histogram("loraforge_time_per_output_token_seconds", "Time between output tokens",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.rejected = Counter("loraforge_rejected_requests", "Requests refused (full queue)", registry=r)
+        self.prefix_hits = Counter("loraforge_prefix_cache_hits", "Prefills that reused cached prompt blocks",
+                                   registry=r)
+        self.prefix_misses = Counter("loraforge_prefix_cache_misses",
+                                     "Prefills that looked up the prefix cache and reused nothing", registry=r)
+        self.prefix_hit_tokens = Counter("loraforge_prefix_cache_hit_tokens",
+                                         "Prompt tokens read from the prefix cache instead of prefilled", registry=r)
+        self.prefix_evictions = Counter("loraforge_prefix_cache_evictions",
+                                        "Prefix cache blocks evicted (LRU, over the memory budget)", registry=r)
+        self.prefix_bytes = Gauge("loraforge_prefix_cache_bytes", "Bytes of KV held by the prefix cache", registry=r)
+        self.prefix_blocks = Gauge("loraforge_prefix_cache_blocks", "Blocks held by the prefix cache", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

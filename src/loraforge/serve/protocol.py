@@ -17,6 +17,9 @@ MAX_PATH_CHARS = 4096
 MAX_CHOICES = 128  # choices in one request, prompts x n (each is a batch row)
 MAX_LOGPROBS = 20  # top tokens per position (vLLM's bound; OpenAI's is 5)
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed accepts
+MAX_TOOLS = 128
+MAX_CHOICE_STRINGS = 1024  # structured_outputs.choice
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
 
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
@@ -69,6 +72,50 @@ def first_surrogate(value, where: str = "") -> str | None:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+class JsonSchemaFormat(_Body):
+    """response_format.json_schema: OpenAI's named schema (`strict` is accepted; output always
+    matches the schema exactly)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=FUNCTION_NAME)
+    json_schema: dict | bool = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise FieldError("response_format", "response_format: json_schema is required with (and only with) "
+                                                "type 'json_schema'")
+        return self
+
+
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs`: exactly one of json (a schema), json_object, regex, choice or
+    grammar (EBNF / GBNF, as xgrammar reads it)."""
+
+    json_: dict | bool | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1, max_length=MAX_CHOICE_STRINGS)
+    grammar: str | None = None
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [name for name in ("json_", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise FieldError("structured_outputs", "structured_outputs: give exactly one of json, json_object, "
+                                                   "regex, choice, grammar")
+        return self
+
+
 class _Sampling(_Body):
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -80,6 +127,8 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: dict | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's extension
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -105,9 +154,31 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # a JSON text, as OpenAI sends it
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: str
     content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a `tool` turn: the call it answers
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise FieldError("messages", "messages: tool_calls are allowed in assistant messages only")
+        if self.role == "tool" and not self.tool_call_id:
+            raise FieldError("messages", "messages: a message with role 'tool' needs its tool_call_id")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -115,11 +186,29 @@ class ChatMessage(_Body):
         return self.content or ""
 
 
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object; None: no arguments
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+TOOL_CHOICES = ("none", "auto", "required")
+
+
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=MAX_TOOLS)  # [] is a 400, as at OpenAI
+    tool_choice: str | dict | None = None  # "none" | "auto" | "required" | {"type": "function", ...}
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
@@ -127,9 +216,60 @@ class ChatRequest(_Sampling):
             raise FieldError("top_logprobs", "top_logprobs requires logprobs: true")
         return self
 
+    @model_validator(mode="after")
+    def _tool_choice_fits_tools(self):
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) != len(names):
+            raise FieldError("tools", "tools: two functions share a name")
+        choice = self.tool_choice
+        if choice is None:
+            return self
+        if not self.tools and choice != "none":
+            raise FieldError("tool_choice", "tool_choice requires tools")
+        if isinstance(choice, str):
+            if choice not in TOOL_CHOICES:
+                raise FieldError("tool_choice", "tool_choice must be 'none', 'auto', 'required' or "
+                                                "{\"type\": \"function\", \"function\": {\"name\": ...}}")
+        else:
+            name = named_tool(choice)
+            if name not in names:
+                raise FieldError("tool_choice", f"tool_choice names the function {name!r}, which is not in tools")
+        if self.forced_tool() is not None and (self.response_format or self.structured_outputs):
+            raise FieldError("tool_choice", "a required or named tool_choice cannot be combined with "
+                                            "response_format or structured_outputs")
+        return self
+
     def top_count(self) -> int | None:
         """Top tokens per generated token, or None when logprobs are off."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def tool_mode(self) -> str:
+        """'none', 'auto', 'required' or 'named' (OpenAI's default: auto with tools, else none)."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if self.tool_choice is None or self.tool_choice == "auto":
+            return "auto"
+        return "required" if self.tool_choice == "required" else "named"
+
+    def forced_tool(self) -> list[Tool] | None:
+        """The tools one of which the output must call (required: any; named: that one), else None."""
+        mode = self.tool_mode()
+        if mode == "required":
+            return list(self.tools)
+        if mode == "named":
+            name = named_tool(self.tool_choice)
+            return [tool for tool in self.tools if tool.function.name == name]
+        return None
+
+
+def named_tool(choice: dict) -> str:
+    """The function name of a tool_choice object; FieldError when it is not OpenAI's shape."""
+    function = choice.get("function")
+    if choice.get("type") != "function" or set(choice) != {"type", "function"} or not isinstance(function, dict) \
+            or set(function) != {"name"} or not isinstance(function["name"], str):
+        raise FieldError("tool_choice", "tool_choice must be 'none', 'auto', 'required' or "
+                                        "{\"type\": \"function\", \"function\": {\"name\": ...}}")
+    return function["name"]
 
 
 class TokenizeRequest(_Body):
@@ -211,8 +351,11 @@ def chat_completions(rid: str, model: str, choices: list[dict], use: dict) -> di
             "choices": choices, "usage": use}
 
 
-def chat_choice(index: int, text: str, finish: str, logprobs: dict | None) -> dict:
+def chat_choice(index: int, text: str | None, finish: str, logprobs: dict | None,
+                tool_calls: list[dict] | None = None) -> dict:
     message = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
 

@@ -16,7 +16,8 @@ from torch import nn
 
 from loraforge import LoraError, format_bytes, one_line
 from loraforge.core.config import ALL_LINEAR, LoraConfig, parse_targets
-from loraforge.core.ops import _matrix_shape, find_targets, output_head_names, rank_notes, summarize_rank_notes
+from loraforge.core.ops import (_matrix_shape, find_targets, output_head_names, parameter_lora_counts, rank_notes,
+                                summarize_rank_notes)
 from loraforge.models import DTYPES
 
 # --- shape presets ------------------------------------------------------------------------------
@@ -241,6 +242,7 @@ def estimate(model: str = "smollm2-135m", rank: int = 8, targets: str | list[str
     chosen = find_targets(net, config)
     notes = rank_notes(config, chosen)
     per_type = lora_params(config, chosen)
+    per_type.update(parameter_lora_counts(net, config))  # MoE experts / routers (PEFT's target_parameters)
     trainable, base = sum(per_type.values()), unique_params(net)
     base_bytes, quantized = base_weight_bytes(net, base_elem, quantize)
     result = {

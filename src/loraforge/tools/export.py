@@ -114,8 +114,13 @@ def base_info(model: str) -> BaseInfo:
     archs = supported_archs()
     model_type = getattr(config, "model_type", None)
     if model_type not in archs:
-        raise LoraError(f"GGUF export supports model types {', '.join(archs)}; '{model}' is {model_type!r}")
+        moe = " (MoE experts have no GGUF writer here yet)" if _has_experts(config) else ""
+        raise LoraError(f"GGUF export supports model types {', '.join(archs)}; '{model}' is {model_type!r}{moe}")
     return BaseInfo(path, config, archs[model_type], bool(getattr(config, "tie_word_embeddings", False)))
+
+
+def _has_experts(config) -> bool:
+    return any(getattr(config, key, None) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
 
 
 def gguf_tensor_name(info: BaseInfo, hf_name: str, tmap=None) -> str:
@@ -239,6 +244,10 @@ def read_lora(adapter: str | Path):
 def refuse_inexpressible(config, modules: dict, tensors: dict, adapter, info: BaseInfo, merged: bool):
     """What an adapter GGUF cannot hold (DoRA, modules_to_save) and what no export can (an embedding
     or output-head adapter on tied embeddings changes both ends of one weight)."""
+    if not merged and config.target_parameters:
+        raise LoraError(f"adapter {adapter} adapts parameters no Linear owns (target_parameters: "
+                        f"{', '.join(config.target_parameters)}: MoE experts or routers), which llama.cpp adapters "
+                        f"cannot express; {MERGED_HINT}")
     if not merged and (config.use_dora or any("lora_magnitude_vector" in parts for parts in modules.values())):
         raise LoraError(f"adapter {adapter} is DoRA, which llama.cpp adapters cannot express; {MERGED_HINT}")
     saved = config.modules_to_save or [k for k in tensors if ".lora_" not in k]

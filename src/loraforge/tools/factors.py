@@ -57,10 +57,14 @@ class Adapter:
         return next(iter(self.updates.values())).A.dtype
 
 
-def load(path: str | Path) -> Adapter:
-    """Read an adapter directory into per-module updates (LoraError in one line when broken)."""
+def load(path: str | Path, parameters: bool = False) -> Adapter:
+    """Read an adapter directory into per-module updates (LoraError in one line when broken).
+    LoRA on MoE expert parameters (target_parameters) is refused unless `parameters` (inspect)."""
     path = Path(path)
     config, tensors = read_adapter(path)
+    if config.target_parameters and not parameters:
+        raise LoraError(f"adapter {path} adapts MoE expert / router parameters (target_parameters); this tool "
+                        f"handles Linear, Conv1D and Embedding updates only")
     raw = json.loads((path / CONFIG_NAME).read_text())
     modules = group_by_module(tensors, str(path))
     if not modules:

@@ -3,6 +3,9 @@
 Per module: ||dW||_F of dW = scaling·B·A, its singular values and effective rank (how many
 singular values hold 90% / 99% of the energy sum(σ²)), all from the factors (`lowrank`); with a
 base model, also ||dW|| / ||W||. Then sums by layer depth and by module type, and a heat map.
+LoRA on MoE expert parameters (PEFT's target_parameters) is listed per expert
+(`...experts.gate_up_proj[3]`, type `mlp.experts.gate_up_proj`), a router as its module
+(`...mlp.gate`); telling which stored factors belong to which parameter needs the base model.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ def split_name(module: str) -> tuple[int | None, str]:
     match = re.search(r"(?:^|\.)(\d+)\.", module)
     if match is None:
         return None, module
-    return int(match.group(1)), module[match.end():]
+    return int(match.group(1)), re.sub(r"\[\d+\]$", "", module[match.end():])  # experts[e]: one type
 
 
 def module_stats(update: Update, base_norm: float | None = None) -> dict:
@@ -79,10 +82,50 @@ def summarize(rows: list[dict], key: str) -> list[dict]:
     return out
 
 
+def expert_updates(adapter, model: nn.Module) -> tuple[dict[str, Update], dict[str, float]]:
+    """The stored factors of parameter targets split per expert: {name: Update} with each
+    expert's own A_e (r, in), B_e (out, r) and the parameter's scaling, and ||W[e]|| of each."""
+    from loraforge.core.config import lora_scaling
+    from loraforge.core.io import parameter_keys
+    from loraforge.core.layers import dense_param
+    from loraforge.core.ops import own_parameters, parameter_owners
+
+    stored = {m: {"lora_A": u.A, "lora_B": u.B} for m, u in adapter.updates.items()}
+    owners, updates, norms = parameter_owners(model), {}, {}
+    for key, target in parameter_keys(model, adapter.config, stored, adapter.path).items():
+        owner, _, pname = target.rpartition(".")
+        shape = own_parameters(owners[owner])[pname]
+        experts = shape[0] if len(shape) == 3 else 1
+        A, B = stored[key]["lora_A"], stored[key]["lora_B"]
+        r = A.shape[0] // experts
+        scaling = lora_scaling(adapter.config.alpha_for(target), r, adapter.config.use_rslora)
+        weight = dense_param(owners[owner], pname)  # a 4-bit one dequantized
+        A_e, B_e = A.reshape(experts, r, -1), B.reshape(B.shape[0], r, experts).permute(2, 0, 1)
+        for e in range(experts):
+            name = f"{target}[{e}]" if experts > 1 else owner
+            updates[name] = Update(name, A_e[e], B_e[e], scaling, adapter.updates[key].keys)
+            if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+                norms[name] = float((weight[e] if experts > 1 else weight).detach().double().norm())
+        del adapter.updates[key]
+    return updates, norms
+
+
 def inspect_adapter(path: str | Path, model: str | nn.Module | None = None) -> dict:
     """Everything `loraforge inspect` prints, as a JSON-ready dict."""
-    adapter = load(path)
+    adapter = load(path, parameters=True)
+    experts, expert_norms = {}, {}
+    if adapter.config.target_parameters:
+        if model is None:
+            raise LoraError(f"adapter {path} adapts MoE expert / router parameters (target_parameters); pass --model "
+                            f"so that inspect can tell which stored factors belong to which parameter")
+        if not isinstance(model, nn.Module):
+            from loraforge.models import load_model
+
+            model = load_model(model, dtype="float32", device="cpu")
+        experts, expert_norms = expert_updates(adapter, model)
     norms = base_norms(model, adapter.updates) if model is not None else {}
+    adapter.updates.update(experts)
+    norms.update(expert_norms)
     with torch.no_grad():
         rows = [module_stats(u, norms.get(m)) for m, u in adapter.updates.items()]
     notes = [DORA_NOTE] if adapter.config.use_dora else []

@@ -126,22 +126,46 @@ def merged_model(model_name: str, adapter: str | Path, base_weights: str = "auto
     cfg = training_config(adapter)
     quantize = cfg.quantize if cfg else ""
     choice = choose_base_weights(base_weights, quantize)
-    tokenizer = load_tokenizer(model_name)
+    tokenizer = adapter_tokenizer(adapter) or load_tokenizer(model_name)
     unmerged = trained_base(model_name, cfg) if quantize else load_model(model_name, dtype="float32", device="cpu")
-    load_adapter(unmerged, adapter)
+    load_with_tokens(unmerged, adapter)
     reference = probe_logprobs(unmerged, tokenizer)
     if choice == "dequantized":
         model = dequantize_model(unmerged, torch.float32)  # in place: the adapter stays on the same weights
     elif quantize:  # the float checkpoint the quantized base came from
         del unmerged
         model = load_model(model_name, dtype="float32", device="cpu")
-        load_adapter(model, adapter)
+        load_with_tokens(model, adapter)
     else:
         model = unmerged
     merged = merge_and_unload(model).to(dtype)
     kl = mean_kl(reference, probe_logprobs(merged, tokenizer))
     return merged, tokenizer, {"base_weights": choice, "quantize": quantize or None, "kl": kl,
                                "probe_tokens": sum(p.shape[0] for p in reference)}
+
+
+def adapter_tokenizer(adapter: str | Path):
+    """The tokenizer saved beside the adapter (--add-tokens grew it), or None."""
+    from transformers import AutoTokenizer
+
+    if not (Path(adapter) / "tokenizer_config.json").is_file():
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(adapter)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise LoraError(f"cannot load the tokenizer saved beside the adapter in {adapter}: {one_line(err)}") from None
+
+
+def load_with_tokens(model: nn.Module, adapter: str | Path):
+    """load_adapter, the vocabulary grown first to an adapter's trainable tokens (--add-tokens: the
+    tokenizer saved beside the adapter has them); the grown rows are then the trained ones."""
+    from loraforge.core.io import read_adapter
+    from loraforge.core.tokens import all_ids, grow_vocabulary
+
+    indices = read_adapter(adapter)[0].trainable_token_indices
+    if indices:
+        grow_vocabulary(model, all_ids(indices), mean_resizing=False)
+    load_adapter(model, adapter)
 
 
 def describe_merge(report: dict) -> str:

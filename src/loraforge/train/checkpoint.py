@@ -41,7 +41,8 @@ def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler) -> Path:
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, data_stream: dict | None = None) -> Path:
+    """`data_stream`: a streaming run's reader position (data.stream.RowStream.state), kept in state.json."""
     root = Path(out) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
@@ -52,6 +53,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler) -> Path:
     params = {f"adapter.{k}": p for k, p in adapter_params(model).items()}
     atomic_save_safetensors({**params, **opt_tensors, **rng_tensors}, tmp / "state.safetensors")
     meta = {"step": step, "optimizer": opt_json, "scheduler": scheduler.state_dict(), **rng_json}
+    if data_stream is not None:
+        meta["data_stream"] = data_stream
     atomic_write_bytes(tmp / "state.json", json.dumps(meta).encode())
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -101,6 +104,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
     version, internal, gauss = meta["python_random"]
     random.setstate((version, tuple(internal), gauss))
     return int(meta["step"])
+
+
+def data_stream_state(path: Path) -> dict | None:
+    """The data stream position a streaming run saved in checkpoint `path` (None: an in-memory run's)."""
+    try:
+        return json.loads((Path(path) / "state.json").read_text()).get("data_stream")
+    except (OSError, ValueError) as err:
+        raise LoraError(f"checkpoint {path} is unreadable ({one_line(err)}); delete it to start over") from None
 
 
 def _optimizer_state(meta: dict, tensors: dict) -> dict:

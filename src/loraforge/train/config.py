@@ -21,6 +21,7 @@ RECIPE_DIR = Path(__file__).parent / "recipes"
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-base")
 QUANTIZE = ("", "nf4", "int8")
 METHODS = ("sft", "dpo", "orpo")
+STREAMING = ("auto", "on", "off")
 ARG_TYPES = {"int": int, "float": float, "str": str}
 
 
@@ -40,6 +41,12 @@ class TrainConfig:
                             "alpaca, prompt/completion or text rows; prompt/chosen/rejected for dpo, orpo")
     split: str = setting("", "split of a save_to_disk DatasetDict (default: train)")
     columns: str = setting("", "read other column names as the formats' keys, e.g. prompt=question,completion=answer")
+    streaming: str = setting("auto", "read, tokenize and pack the data as training goes, in bounded memory: on, off, "
+                                     "or auto (on for a JSONL or Parquet file over 256 MB); needs --max-steps",
+                             choices=STREAMING)
+    shuffle_buffer: int = setting(1024, "streaming: packed rows held in the shuffle buffer (no global shuffle)")
+    add_tokens: str = setting("", "new tokens for the tokenizer, comma list (e.g. '<|tool|>,<|end_tool|>'): only "
+                                  "their embedding and head rows train (PEFT's trainable tokens)")
     out: str = setting("", "output directory (adapter, metrics.jsonl, loss.png, checkpoints)")
     # adapter
     rank: int = setting(8, "LoRA rank r")
@@ -73,6 +80,8 @@ class TrainConfig:
                              choices=PRECISIONS)
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     gradient_checkpointing: bool = setting(False, "recompute activations in backward (less memory, slower)")
+    lean_memory: bool = setting(True, "recompute RMSNorm and SwiGLU intermediates in backward instead of keeping them "
+                                      "(bit-identical gradients, less memory)", flag="--no-lean-memory")
     quantize: str = setting("", "4-bit / 8-bit frozen base (QLoRA)", choices=QUANTIZE)
     save_every: int = setting(50, "checkpoint every N steps (0: only at the end)")
     eval_every: int = setting(0, "validation loss every N steps (0: at the end, and ~12 times a run for early stopping)")
@@ -114,8 +123,22 @@ class TrainConfig:
             errors.append(f"orpo_lambda must be >= 0, got {self.orpo_lambda}")
         if self.method != "sft" and self.train_on_prompt:
             errors.append(f"train_on_prompt applies to sft only: {self.method} compares the answers' log-probabilities")
+        errors += self._data_problems()
         if self.max_len > self.max_tokens:
             errors.append(f"max_len ({self.max_len}) must not exceed max_tokens ({self.max_tokens})")
+        return errors
+
+    def _data_problems(self) -> list[str]:
+        errors = []
+        if self.shuffle_buffer < 1:
+            errors.append(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.add_tokens and self.quantize:
+            errors.append(f"add_tokens trains embedding rows, which a quantized base ({self.quantize}) cannot "
+                          f"give: drop --quantize or --add-tokens")
+        if self.streaming == "on" and self.method != "sft":
+            errors.append(f"streaming reads sft rows only; {self.method} pairs are read in memory")
+        if self.streaming == "on" and self.nproc > 1:
+            errors.append("streaming runs in one process: pass --nproc 1 or --streaming off")
         return errors
 
 

@@ -48,7 +48,10 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> Prepared:
     if cfg.method != "sft":
         return prepare_pairs(cfg, tokenizer)
     from loraforge.data.sources import parse_columns
+    from loraforge.data.stream import use_streaming
 
+    if use_streaming(cfg.streaming, cfg.data):
+        return prepare_stream(cfg, tokenizer)
     examples = D.load_examples(cfg.data, cfg.split, parse_columns(cfg.columns))
     train, val, note = D.train_val_split(examples, cfg.val_fraction, seed=cfg.seed)
     notes = [note] if note else []
@@ -59,6 +62,44 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> Prepared:
     val_rows = D.pack(D.encode_examples(val, tokenizer, cfg.train_on_prompt, cfg.max_len).pairs,
                       cfg.max_tokens) if val else []
     return Prepared(D.pack(encoded.pairs, cfg.max_tokens), val_rows, notes, len(examples))
+
+
+def prepare_stream(cfg: TrainConfig, tokenizer) -> Prepared:
+    """--streaming: rows read, tokenized and packed as training goes, in bounded memory (data.stream)."""
+    from loraforge.data.sources import parse_columns
+    from loraforge.data.stream import VAL_WINDOW, open_stream
+
+    if not cfg.max_steps:
+        raise LoraError(f"streaming {cfg.data}: pass --max-steps (a stream's length is not known up front) "
+                        f"or --streaming off")
+    if cfg.split or dist.world_size() > 1:
+        raise LoraError("streaming reads one file in one process: drop --split and --nproc, or --streaming off")
+    stream, val_rows, first = open_stream(cfg.data, tokenizer, parse_columns(cfg.columns), cfg.train_on_prompt,
+                                          cfg.max_len, cfg.max_tokens, cfg.shuffle_buffer, cfg.val_fraction, cfg.seed)
+    notes = [(f"streaming {cfg.data}: shuffled in a buffer of {cfg.shuffle_buffer} rows (no global shuffle); "
+              f"validation drawn from the first {VAL_WINDOW} examples; {cfg.max_steps} steps, passing over the "
+              f"file again at its end")]
+    notes += [f"warning: {w}" for w in D.stop_notes(first, tokenizer, stop_token_ids(cfg, tokenizer), cfg.max_len)]
+    return Prepared(stream, val_rows, notes, len(first))
+
+
+def resume_stream(rows, latest: Path):
+    """A streaming run continues at the reader position its checkpoint saved."""
+    from loraforge.data.stream import RowStream
+    from loraforge.train.checkpoint import data_stream_state
+
+    if latest is None:
+        return
+    state = data_stream_state(latest)
+    if isinstance(rows, RowStream) != (state is not None):
+        raise LoraError(f"checkpoint {latest} was written by a {'streaming' if state else 'non-streaming'} run; "
+                        f"resume with --streaming {'on' if state else 'off'}")
+    if state is not None:
+        rows.restore(state)
+
+
+def stream_position(rows) -> dict | None:
+    return rows.state() if hasattr(rows, "state") else None
 
 
 def stop_token_ids(cfg: TrainConfig, tokenizer) -> set[int]:
@@ -96,7 +137,10 @@ def total_steps(cfg: TrainConfig, n_rows: int) -> int:
 
 def step_batches(cfg: TrainConfig, rows: list[dict], step: int) -> list[list[dict]]:
     """The micro-batches of optimizer step `step` (0-based): a pure function of (seed, step), so
-    a resumed run sees exactly the data an uninterrupted one would."""
+    a resumed run sees exactly the data an uninterrupted one would. A stream (data.stream) gives
+    its next rows instead: it restores its own position on resume."""
+    if hasattr(rows, "step_batches"):
+        return rows.step_batches(step, cfg.batch_size, cfg.grad_accum)
     per_epoch = steps_per_epoch(cfg, len(rows))
     epoch, index = divmod(step, per_epoch)
     rows_per_step = cfg.batch_size * cfg.grad_accum
@@ -141,17 +185,38 @@ def load_base(cfg: TrainConfig, device: torch.device):
     return model
 
 
-def build_model(cfg: TrainConfig, device: torch.device):
+def build_model(cfg: TrainConfig, device: torch.device, new_ids: list[int] | None = None):
     model = load_base(cfg, device)
     model.config.use_cache = False
     torch.manual_seed(cfg.seed)
-    attach(model, lora_config(cfg))
+    attach(model, with_new_tokens(model, lora_config(cfg), new_ids) if new_ids else lora_config(cfg))
     for p in adapter_params(model).values():  # adapters train in float32 whatever the base dtype
         p.data = p.data.float()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.lean_memory:
+        from loraforge.models.lean import make_lean
+
+        make_lean(model)
     model.train()
     return model
+
+
+def training_tokenizer(cfg: TrainConfig):
+    """(tokenizer, ids of the --add-tokens tokens added to it, or None)."""
+    from loraforge.core.tokens import grow_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    return tokenizer, grow_tokenizer(tokenizer, cfg.add_tokens) if cfg.add_tokens else None
+
+
+def with_new_tokens(model, config: LoraConfig, new_ids: list[int]) -> LoraConfig:
+    """Only the new tokens' rows of the embedding and head train (PEFT's trainable tokens); the
+    vocabulary grows first, its new rows drawn around the old rows' mean (transformers' resize)."""
+    from loraforge.core.tokens import grow_vocabulary, indices_for
+
+    grow_vocabulary(model, new_ids)
+    return dataclasses.replace(config, trainable_token_indices=indices_for(model, new_ids))
 
 
 def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -330,6 +395,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.fsdp or dist.is_main():  # under FSDP every process joins the gather, one writes
         save_adapter(run.model, run.out, write=dist.is_main())
     if dist.is_main():
+        if cfg.add_tokens:  # the tokenizer with the new tokens, beside the adapter (as PEFT users save it)
+            training_tokenizer(cfg)[0].save_pretrained(run.out)
         run.log.plot(run.out / "loss.png")
     run.log.close()
     dist.barrier()
@@ -356,9 +423,9 @@ def setup(cfg: TrainConfig) -> Run:
     restore the last checkpoint on --resume."""
     out = Path(cfg.out)
     device = pick_device(cfg.device) if not dist.is_distributed() else dist.device()
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer, new_ids = training_tokenizer(cfg)
     prepared = prepare_data(cfg, tokenizer)
-    model = build_model(cfg, device)
+    model = build_model(cfg, device, new_ids)
     if cfg.fsdp:
         dist.fsdp_wrap(model)
     params = list(adapter_params(model).values())
@@ -370,6 +437,8 @@ def setup(cfg: TrainConfig) -> Run:
     total = total_steps(cfg, len(prepared.train_rows))
     warmup = int(cfg.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
+    if cfg.resume:  # a stream continues at its saved position (refused first if the run kinds differ)
+        resume_stream(prepared.train_rows, find_latest(out))
     start = resume_state(cfg, out, model, optimizer, scheduler, total)
     log = MetricsLog(out, enabled=dist.is_main(), append=start > 0, reporters=open_dashboards(cfg, out))
     log.truncate(start)
@@ -420,7 +489,10 @@ def announce(run: Run):
     unit = "pairs" if cfg.method != "sft" else "rows"
     rows = f"{len(data.train_rows)} {cfg.method} pairs" if cfg.method != "sft" else \
         f"{len(data.train_rows)} packed rows of <= {cfg.max_tokens} tokens"
-    logger.info(f"{data.n_examples} examples -> {rows}"
+    examples = f"{data.n_examples} examples"
+    if hasattr(data.train_rows, "step_batches"):  # a stream (data.stream): nothing is counted up front
+        examples, rows = f"the examples of {cfg.data}", f"rows of <= {cfg.max_tokens} tokens packed as they are read"
+    logger.info(f"{examples} -> {rows}"
                 f" (+{len(data.val_rows)} validation {unit}); {run.total} steps of {cfg.batch_size * cfg.grad_accum}"
                 f" {unit}; compute {run.ctx.autocast or torch.float32}; processes {dist.world_size()}"
                 + (f"; from step {run.start}" if run.start else ""))
@@ -443,7 +515,8 @@ def run_steps(run: Run) -> dict:
         bar.update(1)
         watch_validation(run, done, record)
         if cfg.save_every and done % cfg.save_every == 0 and done < run.total and dist.is_main():
-            save_checkpoint(run.out, done, run.model, run.optimizer, run.scheduler)
+            save_checkpoint(run.out, done, run.model, run.optimizer, run.scheduler,
+                            data_stream=stream_position(run.data.train_rows))
             early_stop.prune_best(run.out, done)
     bar.close()
     return {"steps": done, **keep_best(run, done), "final_loss": record.get("loss"), "out": str(run.out),
