@@ -51,6 +51,23 @@ def forward(model, ids):
     return run
 
 
+def decode(model, ids):
+    """One greedy decode step at batch 1 after a prompt of ids.shape[1] tokens (the KV cache is
+    cropped back after every step, so each call does the same work)."""
+    from transformers import DynamicCache
+
+    prompt = ids[:1]
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=prompt, past_key_values=cache, use_cache=True)
+
+    @torch.no_grad()
+    def run():
+        model(input_ids=prompt[:, -1:], past_key_values=cache, use_cache=True)
+        cache.crop(prompt.shape[1])
+    return run
+
+
 def interleaved(fns: dict, iters: int) -> dict[str, float]:
     """Median seconds per call, alternating the candidates each round."""
     times = {k: [] for k in fns}
@@ -77,7 +94,7 @@ def main():
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     base = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(dtype)
-    base.config.use_cache = False
+    base.config.use_cache = False  # decode() passes use_cache=True itself
     ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (args.batch, args.seq))
     ours = attach(copy.deepcopy(base), LoraConfig(r=8, alpha=16, target_modules="all-linear")).train()
     peft = get_peft_model(copy.deepcopy(base), PeftConfig(r=8, lora_alpha=16, target_modules="all-linear")).train()
@@ -90,6 +107,7 @@ def main():
     ours.eval()
     base.eval()
     infer = interleaved({"base": forward(base, ids), "unmerged": forward(ours, ids)}, args.iters)
+    step = interleaved({"base": decode(base, ids), "unmerged": decode(ours, ids)}, args.iters * 20)
     merge(ours)
     merged = interleaved({"base": forward(base, ids), "merged": forward(ours, ids)}, args.iters)
     unmerge(ours)
@@ -101,6 +119,8 @@ def main():
     print(f"| train step, loraforge | {train['loraforge']:.3f} | {train['loraforge'] / train['peft']:.3f} |")
     print(f"| inference, bare base | {infer['base']:.3f} | 1.00 |")
     print(f"| inference, loraforge unmerged | {infer['unmerged']:.3f} | {infer['unmerged'] / infer['base']:.3f} |")
+    print(f"| decode step (batch 1, {args.seq}-token cache), bare base | {step['base']:.4f} | 1.00 |")
+    print(f"| decode step, loraforge unmerged | {step['unmerged']:.4f} | {step['unmerged'] / step['base']:.3f} |")
     print(f"| inference, bare base (again) | {merged['base']:.3f} | 1.00 |")
     print(f"| inference, loraforge merged | {merged['merged']:.3f} | {merged['merged'] / merged['base']:.3f} |")
 

@@ -12,6 +12,7 @@ each row of a batch to its own adapter (mixed batches for multi-tenant serving).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,7 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self.row_adapters: list[tuple[str, torch.Tensor]] | None = None  # [(adapter, row index)]
         self.router = None  # optional callable(layer, x, base_out) -> output, set by a serving engine
+        self.shared_input = None  # a SharedInput when sibling layers read the same input (q/k/v, gate/up)
         self._merge_norms: dict[str, torch.Tensor] = {}  # DoRA: weight norm used at merge time
 
     # --- shapes of the base weight, seen as a (out x in) matrix ---------------------------
@@ -112,10 +114,10 @@ class LoraLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.router is not None:  # a batched multi-adapter kernel (serving) handles routing
             return self.router(self, x, result)
-        base = result
-        for name, rows in self.routes():  # each increment is computed against the base output
+        base, routes = result, self.routes()
+        for name, rows in routes:  # each increment is computed against the base output
             if rows is None:
-                result = self.add_lora(name, x, result, base)
+                result = self.add_lora(name, x, result, base, in_place=len(routes) == 1)
             else:
                 result = result.index_add(0, rows, self.lora_output(name, x[rows], base[rows]))
         return result
@@ -123,8 +125,10 @@ class LoraLayer(nn.Module):
     def lora_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """result + this adapter's increment (layer types may fuse the addition)."""
+    def add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor, base: torch.Tensor,
+                 in_place: bool = False) -> torch.Tensor:
+        """result + this adapter's increment (layer types may fuse the addition; `in_place`: the
+        result is this layer's own fresh output, which nothing else reads)."""
         return result + self.lora_output(name, x, base)
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +147,68 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={self.r}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+class SharedInput:
+    """LoRA layers that read the same input tensor (q/k/v of an attention block, gate/up of an
+    MLP): in inference the first of them computes h @ [A_1; A_2; ...]^T for all, one skinny matmul
+    reading h once instead of once per layer, and the others take their columns of it.
+
+    The product is reused only for the very same tensor (a weak reference, its version counter)
+    and adapter; the stacked A is rebuilt when any A changes (version counters, storage)."""
+
+    def __init__(self, layers: list["LoraLinear"]):
+        self.layers = layers
+        self._stacked: dict[str, tuple[tuple, torch.Tensor, dict]] = {}
+        self._last: tuple | None = None  # (weakref to h, h's version, the stacked A used, product)
+
+    def product(self, layer: "LoraLinear", name: str, h: torch.Tensor) -> torch.Tensor | None:
+        """h @ A^T of `layer`'s adapter `name`, from the group's shared product (None: compute it alone)."""
+        stacked = self._stacked_A(name)  # checks the A's versions: a changed A is restacked
+        if stacked is None:
+            return None
+        A, columns = stacked
+        last = self._last
+        if last is not None and last[0]() is h and last[1] == _version(h) and last[2] is A:
+            product = last[3]
+        else:
+            if A.dtype != (torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type)
+                           else h.dtype):
+                return None
+            product = F.linear(h, A)  # (..., sum of ranks)
+            self._last = (weakref.ref(h), _version(h), A, product)
+        if id(layer) not in columns:
+            return None
+        start, stop = columns[id(layer)]
+        return product[..., start:stop]
+
+    def _stacked_A(self, name: str) -> tuple[torch.Tensor, dict] | None:
+        members = [m for m in self.layers if name in m.r and m.variant(name).fusable
+                   and isinstance(m.lora_dropout[name], nn.Identity)]
+        if len(members) < 2:
+            return None
+        weights = [m.lora_A[name].weight for m in members]
+        if len({(w.device, w.dtype) for w in weights}) > 1:
+            return None
+        key = tuple((w.untyped_storage().data_ptr(), _version(w), w.dtype, tuple(w.shape)) for w in weights)
+        cached = self._stacked.get(name)
+        if cached is None or cached[0] != key:
+            bounds, at = {}, 0
+            for m, w in zip(members, weights):
+                bounds[id(m)] = (at, at + w.shape[0])
+                at += w.shape[0]
+            cached = (key, torch.cat([w.detach() for w in weights]), bounds)  # (sum of ranks, in)
+            self._stacked[name] = cached
+        return cached[1], cached[2]
+
+    def forget(self):
+        self._stacked.clear()
+        self._last = None
+
+
+def _version(t: torch.Tensor) -> int:
+    """The in-place version counter (tensors made under torch.inference_mode keep none)."""
+    return -1 if t.is_inference() else t._version
 
 
 class LoraVariant:
@@ -265,17 +331,25 @@ class LoraLinear(LoraLayer):
         """||W + dW|| over the input dimension: one norm per output row (DoRA eq. 5)."""
         return (self.dense_weight().float() + self.delta_weight(name)).norm(p=2, dim=1)
 
-    def add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    def add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor, base: torch.Tensor,
+                 in_place: bool = False) -> torch.Tensor:
         """Plain LoRA fused into one GEMM epilogue: result + s * (A h) B^T via addmm, so the
-        scaling and the addition cost no extra pass over the (tokens x out) output."""
+        scaling and the addition cost no extra pass over the (tokens x out) output. Without
+        gradients the addmm writes into the base output itself (no new tensor), and layers that
+        read the same input share one matmul for their A products (SharedInput)."""
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         autocast = torch.is_autocast_enabled(x.device.type)
         if not self.variant(name).fusable or (not autocast and result.dtype != A.dtype):
             return result + self.lora_output(name, x, base)
         h = self.lora_dropout[name](x if autocast else x.to(A.dtype))
-        a = F.linear(h, A)  # (..., r)
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), a.reshape(-1, a.shape[-1]), B.t(),
-                          alpha=self.scaling[name])  # (tokens, out)
+        inference = not torch.is_grad_enabled()
+        shared = self.shared_input.product(self, name, h) if inference and self.shared_input else None
+        a = F.linear(h, A) if shared is None else shared  # (..., r)
+        flat = result.reshape(-1, result.shape[-1])  # (tokens, out)
+        if inference and in_place and flat.data_ptr() == result.data_ptr() and a.dtype == B.dtype == flat.dtype:
+            flat.addmm_(a.reshape(-1, a.shape[-1]), B.t(), alpha=self.scaling[name])
+            return result
+        out = torch.addmm(flat, a.reshape(-1, a.shape[-1]), B.t(), alpha=self.scaling[name])
         return out.view(result.shape)
 
     def lora_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
