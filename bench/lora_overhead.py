@@ -64,7 +64,7 @@ def decode(model, ids):
     @torch.no_grad()
     def run():
         model(input_ids=prompt[:, -1:], past_key_values=cache, use_cache=True)
-        cache.crop(prompt.shape[1])
+        cache.crop(-1)  # drop the appended column
     return run
 
 

@@ -155,19 +155,23 @@ class SharedInput:
     reading h once instead of once per layer, and the others take their columns of it.
 
     The product is reused only for the very same tensor (a weak reference, its version counter)
-    and adapter; the stacked A is rebuilt when any A changes (version counters, storage)."""
+    and stacked A; each layer checks its own A (storage, version counter) and restacks when it
+    changed, so no layer ever sees another A than its own."""
 
     def __init__(self, layers: list["LoraLinear"]):
         self.layers = layers
-        self._stacked: dict[str, tuple[tuple, torch.Tensor, dict]] = {}
+        self._stacked: dict[str, tuple[torch.Tensor, dict, dict]] = {}
         self._last: tuple | None = None  # (weakref to h, h's version, the stacked A used, product)
 
     def product(self, layer: "LoraLinear", name: str, h: torch.Tensor) -> torch.Tensor | None:
         """h @ A^T of `layer`'s adapter `name`, from the group's shared product (None: compute it alone)."""
-        stacked = self._stacked_A(name)  # checks the A's versions: a changed A is restacked
-        if stacked is None:
-            return None
-        A, columns = stacked
+        stacked = self._stacked.get(name)
+        weight = layer.lora_A[name].weight
+        if stacked is None or stacked[2].get(id(layer)) != (weight.data_ptr(), _version(weight)):
+            stacked = self._restack(name)  # each layer checks its own A: a changed A is restacked
+            if stacked is None or id(layer) not in stacked[1]:
+                return None
+        A, columns, _ = stacked
         last = self._last
         if last is not None and last[0]() is h and last[1] == _version(h) and last[2] is A:
             product = last[3]
@@ -177,29 +181,24 @@ class SharedInput:
                 return None
             product = F.linear(h, A)  # (..., sum of ranks)
             self._last = (weakref.ref(h), _version(h), A, product)
-        if id(layer) not in columns:
-            return None
         start, stop = columns[id(layer)]
         return product[..., start:stop]
 
-    def _stacked_A(self, name: str) -> tuple[torch.Tensor, dict] | None:
+    def _restack(self, name: str) -> tuple | None:
+        """(stacked A (sum of ranks, in), {layer: its columns}, {layer: (storage, version) of its A})."""
+        self._stacked.pop(name, None)
         members = [m for m in self.layers if name in m.r and m.variant(name).fusable
                    and isinstance(m.lora_dropout[name], nn.Identity)]
-        if len(members) < 2:
-            return None
         weights = [m.lora_A[name].weight for m in members]
-        if len({(w.device, w.dtype) for w in weights}) > 1:
+        if len(members) < 2 or len({(w.device, w.dtype) for w in weights}) > 1:
             return None
-        key = tuple((w.untyped_storage().data_ptr(), _version(w), w.dtype, tuple(w.shape)) for w in weights)
-        cached = self._stacked.get(name)
-        if cached is None or cached[0] != key:
-            bounds, at = {}, 0
-            for m, w in zip(members, weights):
-                bounds[id(m)] = (at, at + w.shape[0])
-                at += w.shape[0]
-            cached = (key, torch.cat([w.detach() for w in weights]), bounds)  # (sum of ranks, in)
-            self._stacked[name] = cached
-        return cached[1], cached[2]
+        bounds, stamps, at = {}, {}, 0
+        for m, w in zip(members, weights):
+            bounds[id(m)] = (at, at + w.shape[0])
+            stamps[id(m)] = (w.data_ptr(), _version(w))
+            at += w.shape[0]
+        self._stacked[name] = (torch.cat([w.detach() for w in weights]), bounds, stamps)
+        return self._stacked[name]
 
     def forget(self):
         self._stacked.clear()
