@@ -135,6 +135,9 @@ def main() -> None:
         ENV["OMP_NUM_THREADS"] = str(args.threads)
     if args.peft_child:
         return peft_child(args.peft_child, args.steps, args.bf16)
+    from loraforge.models.embedded import ensure_default_model
+
+    ensure_default_model("bfloat16")  # made once, outside the measured runs (their peak RSS is their own)
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     data = long_examples(work / "train.jsonl", args.n_train)
     rows = []

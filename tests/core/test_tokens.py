@@ -189,3 +189,26 @@ def test_bad_trainable_token_configs_are_one_line_errors():
     with pytest.raises(LoraError, match="names 'nowhere', which matches no modules"):
         attach(model, LoraConfig(target_modules=["q_proj"], trainable_token_indices={"nowhere": [5]}))
     assert not hasattr(model, "lora_configs")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_second_adapter_with_new_tokens_attaches_and_switches(tied):
+    """Two adapters each with their own rows for the new tokens: each gives its own logits."""
+    from loraforge.core.ops import set_adapter
+
+    tok = grown_tokenizer()
+    model = ours(tok, tied, seed=3)
+    ids = sample_ids(tok)
+    with torch.no_grad():
+        first = model(ids).logits
+    attach(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"],
+                             trainable_token_indices=indices(tok, tied)), "second")
+    with torch.no_grad():
+        for name, p in adapter_params(model).items():
+            if "trainable_tokens_delta.second" in name:
+                p.add_(1.0)
+        set_adapter(model, "second")
+        second = model(ids).logits
+        set_adapter(model, "default")
+        again = model(ids).logits
+    assert torch.equal(first, again) and not torch.allclose(first, second)

@@ -84,7 +84,21 @@ def test_stops_and_keeps_the_best_adapter(base, data, tmp_path, monkeypatch):
     kept = adapter_params(model)
     assert kept.keys() == snapshots[best].keys()
     assert all(torch.equal(kept[k], snapshots[best][k]) for k in kept)
-    assert not any(out.glob("checkpoints/best-step-*")), "the best-adapter files are removed at the end"
+    assert [p.name for p in out.glob("checkpoints/best-step-*")] == [f"best-step-{best:06d}.safetensors"]
+
+
+def test_resuming_a_finished_early_stopped_run_gives_the_same_adapter(base, data, tmp_path):
+    """--resume after the run ended (its stop step a checkpoint step): nothing to redo, no error."""
+    out = tmp_path / "run"
+    args = ["train", "--model", base, "--data", data["train"], "--out", out, "--max-steps", STEPS, *EARLY,
+            "--eval-every", 2, "--save-every", 2, "--patience", 1, "--min-delta", 100]  # stops at step 4
+    assert run_cli(*args).returncode == 0
+    first = adapter_tensors(out)
+    again = run_cli(*args, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "kept step 2's adapter" in again.stdout
+    second = adapter_tensors(out)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_cli_run_notes_the_stop(base, data, tmp_path):

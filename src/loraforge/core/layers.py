@@ -12,7 +12,6 @@ each row of a batch to its own adapter (mixed batches for multi-tenant serving).
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +40,6 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self.row_adapters: list[tuple[str, torch.Tensor]] | None = None  # [(adapter, row index)]
         self.router = None  # optional callable(layer, x, base_out) -> output, set by a serving engine
-        self.shared_input = None  # a SharedInput when sibling layers read the same input (q/k/v, gate/up)
         self._merge_norms: dict[str, torch.Tensor] = {}  # DoRA: weight norm used at merge time
 
     # --- shapes of the base weight, seen as a (out x in) matrix ---------------------------
@@ -147,67 +145,6 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={self.r}, active={self.active_adapters}, merged={self.merged_adapters}"
-
-
-class SharedInput:
-    """LoRA layers that read the same input tensor (q/k/v of an attention block, gate/up of an
-    MLP): in inference the first of them computes h @ [A_1; A_2; ...]^T for all, one skinny matmul
-    reading h once instead of once per layer, and the others take their columns of it.
-
-    The product is reused only for the very same tensor (a weak reference, its version counter)
-    and stacked A; each layer checks its own A (storage, version counter) and restacks when it
-    changed, so no layer ever sees another A than its own."""
-
-    def __init__(self, layers: list["LoraLinear"]):
-        self.layers = layers
-        self._stacked: dict[str, tuple[torch.Tensor, dict, dict]] = {}
-        self._last: tuple | None = None  # (weakref to h, h's version, the stacked A used, product)
-
-    def product(self, layer: "LoraLinear", name: str, h: torch.Tensor) -> torch.Tensor | None:
-        """h @ A^T of `layer`'s adapter `name`, from the group's shared product (None: compute it alone)."""
-        stacked = self._stacked.get(name)
-        weight = layer.lora_A[name].weight
-        if stacked is None or stacked[2].get(id(layer)) != (weight.data_ptr(), _version(weight)):
-            stacked = self._restack(name)  # each layer checks its own A: a changed A is restacked
-            if stacked is None or id(layer) not in stacked[1]:
-                return None
-        A, columns, _ = stacked
-        last = self._last
-        if last is not None and last[0]() is h and last[1] == _version(h) and last[2] is A:
-            product = last[3]
-        else:
-            if A.dtype != (torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type)
-                           else h.dtype):
-                return None
-            product = F.linear(h, A)  # (..., sum of ranks)
-            self._last = (weakref.ref(h), _version(h), A, product)
-        start, stop = columns[id(layer)]
-        return product[..., start:stop]
-
-    def _restack(self, name: str) -> tuple | None:
-        """(stacked A (sum of ranks, in), {layer: its columns}, {layer: (storage, version) of its A})."""
-        self._stacked.pop(name, None)
-        members = [m for m in self.layers if name in m.r and m.variant(name).fusable
-                   and isinstance(m.lora_dropout[name], nn.Identity)]
-        weights = [m.lora_A[name].weight for m in members]
-        if len(members) < 2 or len({(w.device, w.dtype) for w in weights}) > 1:
-            return None
-        bounds, stamps, at = {}, {}, 0
-        for m, w in zip(members, weights):
-            bounds[id(m)] = (at, at + w.shape[0])
-            stamps[id(m)] = (w.data_ptr(), _version(w))
-            at += w.shape[0]
-        self._stacked[name] = (torch.cat([w.detach() for w in weights]), bounds, stamps)
-        return self._stacked[name]
-
-    def forget(self):
-        self._stacked.clear()
-        self._last = None
-
-
-def _version(t: torch.Tensor) -> int:
-    """The in-place version counter (tensors made under torch.inference_mode keep none)."""
-    return -1 if t.is_inference() else t._version
 
 
 class LoraVariant:
@@ -334,16 +271,14 @@ class LoraLinear(LoraLayer):
                  in_place: bool = False) -> torch.Tensor:
         """Plain LoRA fused into one GEMM epilogue: result + s * (A h) B^T via addmm, so the
         scaling and the addition cost no extra pass over the (tokens x out) output. Without
-        gradients the addmm writes into the base output itself (no new tensor), and layers that
-        read the same input share one matmul for their A products (SharedInput)."""
+        gradients the addmm writes into the base output itself (no new tensor; the same floats)."""
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         autocast = torch.is_autocast_enabled(x.device.type)
         if not self.variant(name).fusable or (not autocast and result.dtype != A.dtype):
             return result + self.lora_output(name, x, base)
         h = self.lora_dropout[name](x if autocast else x.to(A.dtype))
         inference = not torch.is_grad_enabled()
-        shared = self.shared_input.product(self, name, h) if inference and self.shared_input else None
-        a = F.linear(h, A) if shared is None else shared  # (..., r)
+        a = F.linear(h, A)  # (..., r)
         flat = result.reshape(-1, result.shape[-1])  # (tokens, out)
         if inference and in_place and flat.data_ptr() == result.data_ptr() and a.dtype == B.dtype == flat.dtype:
             flat.addmm_(a.reshape(-1, a.shape[-1]), B.t(), alpha=self.scaling[name])

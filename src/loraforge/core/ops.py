@@ -18,7 +18,7 @@ from torch import nn
 
 from loraforge import LoraError
 from loraforge.core.config import ALL_LINEAR, LoraConfig, exact_patterns, name_matches, parameter_matches
-from loraforge.core.layers import LoraEmbedding, LoraLayer, LoraLinear, LoraParameter, SharedInput, lora_layer_type
+from loraforge.core.layers import LoraEmbedding, LoraLayer, LoraParameter, lora_layer_type
 from loraforge.core.lowrank import concat_factors, truncated_factors
 from loraforge.core.tokens import TrainableTokens, add_trainable_tokens, token_problems, unwrap_tokens
 
@@ -347,27 +347,9 @@ def attach(model: nn.Module, config: LoraConfig, name: str = "default", activate
     if not hasattr(model, "lora_configs"):
         model.lora_configs = {}
     model.lora_configs[name] = config
-    share_inputs(model)
     if activate:
         set_adapter(model, name)
     return model
-
-
-# Sibling projections that read the same input tensor (one A matmul serves them: SharedInput).
-SHARED_INPUTS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
-
-
-def share_inputs(model: nn.Module):
-    """Group each block's sibling LoraLinear layers (SHARED_INPUTS) into a SharedInput."""
-    for parent in model.modules():
-        children = dict(parent.named_children())
-        for names in SHARED_INPUTS:
-            layers = [children[n] for n in sorted(names) if type(children.get(n)) is LoraLinear]
-            if len(layers) < 2:
-                continue
-            group = SharedInput(layers)
-            for layer in layers:
-                layer.shared_input = group
 
 
 def _wrap(model: nn.Module, module_name: str, module: nn.Module) -> LoraLayer:

@@ -48,6 +48,12 @@ class TrainableTokens(nn.Module):
     def rows(self) -> nn.ParameterDict:
         return self._tied[0].trainable_tokens_delta if self._tied else self.trainable_tokens_delta
 
+    @property
+    def num_embeddings(self) -> int:
+        """The vocabulary size of the wrapped layer (as nn.Embedding names it)."""
+        weight = self.base_layer.weight
+        return weight.shape[0]
+
     def add_adapter(self, name: str, indices: list[int]):
         """Trained rows start as the weight's rows (PEFT's init_weights=True: a no-op until trained)."""
         if self._tied:

@@ -446,7 +446,8 @@ def chat_prompt(state: ServeState, messages: list[P.ChatMessage], add_generation
         extra["tools"] = tool_dicts(tools)
     elif tools:
         turns = with_tool_prompt(turns, tools)
-    chars = sum(len(t["content"]) + len(t["role"]) for t in turns) + len(json.dumps(extra.get("tools", [])))
+    chars = sum(len(t["content"]) + len(t["role"]) + len(json.dumps(t.get("tool_calls", []))) for t in turns) \
+        + len(json.dumps(extra.get("tools", [])))  # tool calls count too (templates that render them)
     check_prompt_chars(state, chars, "messages")
     try:  # data.chat: the one home of messages -> ids, shared with the trainer
         return chat_prompt_ids(tokenizer, turns, add_generation_prompt, add_special_tokens, **extra)

@@ -8,7 +8,8 @@ than ``min_delta``; the adapter it writes is the one of the best evaluation (wha
 Everything survives ``kill -9`` and ``--resume``: the history is read back from metrics.jsonl
 (already truncated to the resumed step), and the best adapter's weights sit in
 ``checkpoints/best-step-NNNNNN.safetensors``; each checkpoint prunes the files its step no
-longer needs, so a resume from checkpoint step c always finds the best of steps <= c.
+longer needs, so a resume from checkpoint step c always finds the best of steps <= c (the newest
+one stays after the run, beside the checkpoints, for a later --resume).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from loraforge import LoraError
+from loraforge import LoraError, one_line
 from loraforge.core.io import atomic_save_safetensors
 from loraforge.core.ops import adapter_params
 
@@ -97,7 +98,7 @@ def restore_best(out: Path, step: int, model):
             saved_step = (f.metadata() or {}).get("step")
         tensors = load_file(path)
     except (OSError, ValueError) as err:
-        raise LoraError(f"early stopping: the best adapter {path} is unreadable ({err}); "
+        raise LoraError(f"early stopping: the best adapter {path} is unreadable ({one_line(err)}); "
                         f"rerun with --patience 0 to keep the last step's adapter") from None
     params = adapter_params(model)
     if saved_step != str(step) or tensors.keys() != params.keys():
@@ -113,11 +114,6 @@ def prune_best(out: Path, upto: int):
     files = sorted((Path(out) / "checkpoints").glob(f"{PREFIX}*.safetensors"))
     older = [p for p in files if _step(p) <= upto]
     for path in older[:-1]:
-        path.unlink(missing_ok=True)
-
-
-def drop_best(out: Path):
-    for path in (Path(out) / "checkpoints").glob(f"{PREFIX}*.safetensors"):
         path.unlink(missing_ok=True)
 
 

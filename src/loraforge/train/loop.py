@@ -519,7 +519,8 @@ def run_steps(run: Run) -> dict:
                             data_stream=stream_position(run.data.train_rows))
             early_stop.prune_best(run.out, done)
     bar.close()
-    return {"steps": done, **keep_best(run, done), "final_loss": record.get("loss"), "out": str(run.out),
+    last = record or next((r for r in reversed(run.log.records) if "loss" in r), {})  # resumed after the stop
+    return {"steps": done, **keep_best(run, done), "final_loss": last.get("loss"), "out": str(run.out),
             **run.log.summary()}
 
 
@@ -543,8 +544,8 @@ def keep_best(run: Run, last: int) -> dict:
         if not early.should_stop:
             logger.info(f"note: keeping the adapter of step {early.best_step}, the best validation loss "
                         f"({early.best:.4f}); --patience 0 keeps the last step's")
-    if dist.is_main():
-        early_stop.drop_best(run.out)
+    if dist.is_main():  # the newest best file stays, beside the checkpoints: a later --resume reads it
+        early_stop.prune_best(run.out, last)
     return {"best_step": early.best_step, "best_val_loss": early.best, "stopped_early": early.should_stop}
 
 
@@ -598,7 +599,7 @@ def cli_train(args) -> int:
     if dist.is_main():
         kept = f"; kept step {summary['best_step']}'s adapter, val loss {summary['best_val_loss']:.4f}" \
             if summary.get("best_step") else ""
-        print(f"adapter written to {summary['out']} ({summary['steps']} steps, final loss "
-              f"{summary['final_loss']:.4f}{kept})")
+        loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+        print(f"adapter written to {summary['out']} ({summary['steps']} steps, final loss {loss}{kept})")
     return 0
 
