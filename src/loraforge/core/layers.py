@@ -147,6 +147,12 @@ class LoraLayer(nn.Module):
         return f"adapters={self.r}, active={self.active_adapters}, merged={self.merged_adapters}"
 
 
+def split_experts(A: torch.Tensor, B: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's flat factors of a 3-D parameter, A (r*E, in) and B (out, r*E), as per-expert
+    A (E, r, in) and B (E, out, r) (PEFT's ParamWrapper layout: expert-major A, rank-major B)."""
+    return A.reshape(experts, -1, A.shape[-1]), B.reshape(B.shape[0], -1, experts).permute(2, 0, 1)
+
+
 class LoraVariant:
     """Plain LoRA (Hu et al. 2021): the increment is the low-rank term itself, and merging adds
     dW. A variant overrides the steps that differ (PEFT's LoraVariant idea); a layer finds an
@@ -466,9 +472,7 @@ class LoraParameter(LoraLayer):
         return self.split_experts(*self.factors(name))
 
     def split_experts(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """PEFT's flat A (r*E, in), B (out, r*E) as (A (E, r, in), B (E, out, r))."""
-        E = self.num_experts
-        return A.reshape(E, -1, A.shape[-1]), B.reshape(B.shape[0], -1, E).permute(2, 0, 1)
+        return split_experts(A, B, self.num_experts)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """dW in the parameter's own shape, float32: (E, out, in) per expert, or (out, in)."""

@@ -588,18 +588,24 @@ def merge_and_unload(model: nn.Module, names: list[str] | None = None) -> nn.Mod
     """Merge, then replace every wrapper by its plain base module: no loraforge module is left."""
     names = names or active_adapters(model)
     merge(model, names)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            if not _nested(name, module):
-                _set_submodule(model, name, _unwrapped(module))
-        elif isinstance(module, ModulesToSave):
-            chosen = [n for n in names if n in module.modules_to_save]
-            _set_submodule(model, name, module.modules_to_save[chosen[-1]] if chosen else module.original_module)
+    _unwrap_all(model, names)
     unwrap_tokens(model, merge=names)
     _forget_adapters(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _unwrap_all(model: nn.Module, keep: list[str]):
+    """Replace every wrapper by its plain module; a ModulesToSave by its copy of the last adapter
+    in `keep` that has one, else by the original module."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            if not _nested(name, module):
+                _set_submodule(model, name, _unwrapped(module))
+        elif isinstance(module, ModulesToSave):
+            chosen = [n for n in keep if n in module.modules_to_save]
+            _set_submodule(model, name, module.modules_to_save[chosen[-1]] if chosen else module.original_module)
 
 
 def _unwrapped(layer: LoraLayer) -> nn.Module:
@@ -623,12 +629,7 @@ def unload(model: nn.Module) -> nn.Module:
     unmerge(model)
     for name in adapter_names(model):
         delete_adapter(model, name)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            if not _nested(name, module):
-                _set_submodule(model, name, _unwrapped(module))
-        elif isinstance(module, ModulesToSave):
-            _set_submodule(model, name, module.original_module)
+    _unwrap_all(model, [])
     unwrap_tokens(model)
     _forget_adapters(model)
     return model

@@ -87,7 +87,7 @@ def expert_updates(adapter, model: nn.Module) -> tuple[dict[str, Update], dict[s
     expert's own A_e (r, in), B_e (out, r) and the parameter's scaling, and ||W[e]|| of each."""
     from loraforge.core.config import lora_scaling
     from loraforge.core.io import parameter_keys
-    from loraforge.core.layers import dense_param
+    from loraforge.core.layers import dense_param, split_experts
     from loraforge.core.ops import own_parameters, parameter_owners
 
     stored = {m: {"lora_A": u.A, "lora_B": u.B} for m, u in adapter.updates.items()}
@@ -100,7 +100,7 @@ def expert_updates(adapter, model: nn.Module) -> tuple[dict[str, Update], dict[s
         r = A.shape[0] // experts
         scaling = lora_scaling(adapter.config.alpha_for(target), r, adapter.config.use_rslora)
         weight = dense_param(owners[owner], pname)  # a 4-bit one dequantized
-        A_e, B_e = A.reshape(experts, r, -1), B.reshape(B.shape[0], r, experts).permute(2, 0, 1)
+        A_e, B_e = split_experts(A, B, experts)
         for e in range(experts):
             name = f"{target}[{e}]" if experts > 1 else owner
             updates[name] = Update(name, A_e[e], B_e[e], scaling, adapter.updates[key].keys)
