@@ -64,14 +64,19 @@ def peft_base(tok, tied: bool):
     return base
 
 
+def peft_copy(model, tok, tied: bool, path, **kwargs):
+    """Our adapter saved to `path` and loaded by PEFT onto a grown base."""
+    save_adapter(model, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(peft_base(tok, tied), path, **kwargs)
+
+
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_peft_loads_our_adapter_with_equal_logits(tmp_path, tied):
     tok = grown_tokenizer()
     model = ours(tok, tied)
-    save_adapter(model, tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.PeftModel.from_pretrained(peft_base(tok, tied), tmp_path).eval()
+    theirs = peft_copy(model, tok, tied, tmp_path).eval()
     ids = sample_ids(tok)
     assert set(new_ids(tok)) <= set(ids[0].tolist())
     assert torch.equal(logits(theirs, ids), logits(model, ids))
@@ -141,10 +146,7 @@ def test_merged_model_computes_the_adapter():
 def test_the_rows_gradient_is_peft_s(tmp_path, tied):
     tok = grown_tokenizer()
     model = ours(tok, tied)
-    save_adapter(model, tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.PeftModel.from_pretrained(peft_base(tok, tied), tmp_path, is_trainable=True)
+    theirs = peft_copy(model, tok, tied, tmp_path, is_trainable=True)
     ids = sample_ids(tok)
     for m in (model, theirs):
         m(input_ids=ids, labels=ids).loss.backward()

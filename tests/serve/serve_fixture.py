@@ -119,3 +119,11 @@ class ServerThread:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(15)
+
+
+def record_event(result: dict, event):
+    """An engine sink for tests: delta texts appended to result["text"], the final event kept in result["done"]."""
+    if event.kind == "delta":
+        result["text"] += event.text
+    else:
+        result["done"] = event

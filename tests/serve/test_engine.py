@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from serve_fixture import ADAPTERS, build_base, shared_setup
+from serve_fixture import ADAPTERS, build_base, record_event, shared_setup
 from factory import tiny_tokenizer
 
 from loraforge.core.io import load_adapter
@@ -42,7 +42,7 @@ def run(engine: Engine, requests: list[GenerationRequest], stagger: int = 0) -> 
     while pending or any(r["done"] is None for r in results):
         while pending and pending[0][0] * stagger <= step:
             i, req = pending.pop(0)
-            seqs[i] = engine.submit(req, lambda ev, r=results[i]: _record(r, ev))
+            seqs[i] = engine.submit(req, lambda ev, r=results[i]: record_event(r, ev))
         engine.step()
         step += 1
     for i, r in enumerate(results):
@@ -50,11 +50,6 @@ def run(engine: Engine, requests: list[GenerationRequest], stagger: int = 0) -> 
     return results
 
 
-def _record(result: dict, event):
-    if event.kind == "delta":
-        result["text"] += event.text
-    else:
-        result["done"] = event
 
 
 def greedy(prompt: str, adapter: str | None, n: int = 12) -> GenerationRequest:

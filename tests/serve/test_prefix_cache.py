@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from factory import tiny_tokenizer
-from serve_fixture import build_base, save_loraforge_adapter, shared_setup
+from serve_fixture import build_base, record_event, save_loraforge_adapter, shared_setup
 from test_architectures_serve import ADAPTER, serve_engine
 
 from loraforge import LoraError
@@ -47,7 +47,7 @@ def run(engine: Engine, requests: list[GenerationRequest]) -> list[dict]:
     results = [{"text": "", "done": None} for _ in requests]
     seqs = []
     for req, result in zip(requests, results):
-        seqs.append(engine.submit(req, lambda ev, r=result: _record(r, ev)))
+        seqs.append(engine.submit(req, lambda ev, r=result: record_event(r, ev)))
     while any(r["done"] is None for r in results):
         engine.step()
     for seq, result in zip(seqs, results):
@@ -57,11 +57,6 @@ def run(engine: Engine, requests: list[GenerationRequest]) -> list[dict]:
     return results
 
 
-def _record(result: dict, event):
-    if event.kind == "delta":
-        result["text"] += event.text
-    else:
-        result["done"] = event
 
 
 def assert_same(got: dict, want: dict):

@@ -416,6 +416,7 @@ class LoraParameter(LoraLayer):
             raise LoraError(f"LoRA on parameter {parameter_name!r} needs a 2-D or 3-D parameter, got shape {shape}")
         self.transposed = len(shape) == 3 and bool(getattr(self.core(), "is_transposed", False))
         self.num_experts = shape[0] if len(shape) == 3 else 1
+        self.weight_dim = len(shape)  # kept: reading self.weight dequantizes a 4-bit expert stack
         out_f, in_f = shape[-2:] if not self.transposed else shape[:0:-1]
         self.in_features, self.out_features = in_f, out_f
 
@@ -481,7 +482,7 @@ class LoraParameter(LoraLayer):
         return self.to_base_layout(delta)
 
     def to_base_layout(self, matrix: torch.Tensor) -> torch.Tensor:
-        if self.num_experts == 1 and self.weight.dim() == 2:
+        if self.num_experts == 1 and self.weight_dim == 2:
             return matrix.reshape(self.out_features, self.in_features)
         return matrix.transpose(-2, -1) if self.transposed else matrix
 
