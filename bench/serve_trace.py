@@ -175,6 +175,7 @@ class Profile:
         self.engine, self.totals, self.saved = engine, defaultdict(float), {}
         self._wrap(engine, "step", "step")
         self._wrap(engine, "_prefill", "prefill")
+        self._wrap(engine, "_prefill_piece", "prefill")  # chunked prefill: one piece of a long prompt
         self._wrap(engine, "_decode", "decode")
         self._wrap(engine, "_emit", "sampling")
         self._wrap(engine, "kernel", "lora kernel", call=True)
@@ -199,7 +200,7 @@ class Profile:
             setattr(owner, attr, timed)
 
     def close(self):
-        for attr in ("step", "_prefill", "_decode", "_emit"):
+        for attr in ("step", "_prefill", "_prefill_piece", "_decode", "_emit"):
             setattr(self.engine, attr, self.saved[attr])
         kernel_cls, call = self.saved["kernel_cls"]
         kernel_cls.__call__ = call

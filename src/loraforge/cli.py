@@ -194,6 +194,9 @@ def add_serve(sub):
     p.add_argument("--prefix-cache-mb", dest="prefix_cache_mb", type=float, default=None,
                    help="MiB of prompt KV kept for reuse by later prompts on the same adapter (LRU, default 512); "
                         "0 disables")
+    p.add_argument("--prefill-chunk", dest="prefill_chunk", type=int, default=None,
+                   help="prefill prompts longer than this many tokens in pieces of this size, one per step, "
+                        "between decode steps (default 512); 0 prefills every prompt whole")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--shutdown-timeout", dest="shutdown_timeout", type=float, default=30.0,

@@ -96,6 +96,22 @@ def llama(path: Path, lora: Path | None = None, scale: float = 1.0):
                            n_threads_batch=1, seed=0, **kwargs)
 
 
+def skip_if_llama_cpp_crashes(path: Path, ids: list[int]):
+    """Evaluate `path` with llama.cpp in a child process first: some llama-cpp-python source builds
+    (0.3.36 built on this machine in session 4) die with SIGSEGV in their q8_0 kernels, which would
+    take the whole test run down. A crash of the oracle itself is a skip that names it."""
+    import subprocess
+    import sys
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    code = ("import sys, llama_cpp; llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=256, verbose=False, "
+            "n_threads=1, n_threads_batch=1); llm.eval([int(t) for t in sys.argv[2:]])")
+    child = subprocess.run([sys.executable, "-c", code, str(path), *map(str, ids)], capture_output=True, timeout=300)
+    if child.returncode < 0:
+        pytest.skip(f"llama-cpp-python {llama_cpp.__version__} crashed (signal {-child.returncode}) "
+                    f"evaluating a q8_0 GGUF on this machine")
+
+
 def cpp_logits(llm, ids: list[int]) -> np.ndarray:
     llm.reset()
     llm.eval(ids)
@@ -217,6 +233,7 @@ def test_q8_0_merged_agrees_on_most_greedy_tokens(bases, tmp_path):
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
     assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    skip_if_llama_cpp_crashes(path, PROMPTS[0])
     llm, agree, total = llama(path), 0, 0
     for ids in PROMPTS:  # teacher-forced on loraforge's greedy continuation: per-token agreement
         want = hf_greedy(bases["llama"], adapter, ids, 16)

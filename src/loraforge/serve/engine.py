@@ -3,10 +3,13 @@
 A background thread owns the model. Each step it (1) runs queued tasks (adapter load/unload),
 (2) admits waiting requests while the batch has room and their adapter has (or gets) a kernel
 slot, (3) prefills the admitted prompts (left-padded, grouped so that rows x longest prompt stays
-within `prefill_tokens`; a prompt longer than that is prefilled alone, whole; a prompt prefix
-already prefilled on the same adapter weights is read from serve.prefix_cache) and samples their
-first token, then (4) runs one decode step for every running sequence, each
-row with its own adapter (serve.kernel) and its own KV rows (serve.kvcache). Finished or
+within `prefill_tokens`; a prompt prefix already prefilled on the same adapter weights is read
+from serve.prefix_cache) and samples their first token, then (4) runs one decode step for every
+running sequence, each row with its own adapter (serve.kernel) and its own KV rows
+(serve.kvcache). A prompt whose uncached part is longer than `prefill_chunk` tokens is prefilled
+in pieces instead, at most `prefill_chunk` tokens of them per step, between decode steps (chunked
+prefill): a 1,024-token prompt delays the running sequences' next tokens by one piece, not by the
+whole prompt; it joins the batch when its last piece is done. Finished or
 cancelled sequences leave between steps; new ones join. Other threads talk to it through
 `submit`, `cancel` and `call`; results come back as Events through each request's sink.
 """
@@ -37,6 +40,11 @@ from loraforge.serve.metrics import ServeMetrics
 from loraforge.serve.prefix_cache import PrefixCache, past_kv
 
 log = logging.getLogger("loraforge.serve")
+
+# Tokens of a long prompt prefilled per engine step, between decode steps (chunked prefill, as
+# vLLM's per-step token budget): smaller pieces delay the running sequences less, larger ones
+# finish a long prompt in fewer steps.
+DEFAULT_PREFILL_CHUNK = 512
 
 
 class QueueFull(LoraError):
@@ -76,6 +84,17 @@ class GenerationRequest:
     prompt_ids: list[int]
     adapter: str | None = None  # None: the base model
     params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class PartialPrefill:
+    """A long prompt being prefilled a piece per step: its own one-row KV cache (every column
+    kept, start_prefill) and how many of its tokens it holds."""
+    seq: "Sequence"
+    key: tuple
+    cache: object
+    done: int
+    logits: list = field(default_factory=list)  # a scoring request's logits of every position, piece by piece
 
 
 @dataclass
@@ -123,11 +142,16 @@ class Sequence:
 class Engine:
     def __init__(self, model: nn.Module, tokenizer, registry: AdapterRegistry | None = None, max_batch: int = 16,
                  max_loaded: int = 8, max_queue: int = 256, prefill_tokens: int = 4096,
-                 metrics: ServeMetrics | None = None, prefix_cache_mb: float = 0.0):
+                 metrics: ServeMetrics | None = None, prefix_cache_mb: float = 0.0,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         if max_batch < 1 or max_queue < 0:
             raise LoraError("max_batch must be >= 1 and max_queue >= 0")
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 0:
+            raise LoraError(f"prefill_chunk must be a whole number of tokens >= 0 (0: prompts prefilled whole), "
+                            f"got {prefill_chunk}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
+        self.prefill_chunk = prefill_chunk
         self.metrics = metrics or ServeMetrics()
         self.prefix = PrefixCache(int(prefix_cache_mb * 2 ** 20), self.metrics)  # 0 MB: disabled
         self.device = next(model.parameters()).device
@@ -144,6 +168,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.in_batch = 0  # admitted and not finished (running, or being prefilled)
         self.prefilling: list[Sequence] = []
+        self.partial: list[PartialPrefill] = []  # long prompts prefilled a piece per step (FIFO)
         self.tasks: list[tuple[Callable, Future]] = []
         self.cv = threading.Condition()
         self.stopping = False
@@ -199,14 +224,14 @@ class Engine:
 
     @property
     def busy(self) -> int:
-        return len(self.running) + len(self.waiting)
+        return len(self.running) + len(self.partial) + len(self.waiting)
 
     # --- the loop ------------------------------------------------------------------------
     def _loop(self):
         torch.set_grad_enabled(False)
         while True:
             with self.cv:
-                while not (self.tasks or self.waiting or self.running or self.stopping):
+                while not (self.tasks or self.waiting or self.running or self.partial or self.stopping):
                     self.cv.wait()
                 if self.stopping:
                     break
@@ -219,13 +244,21 @@ class Engine:
         self._fail_all(LoraError("the server is shutting down"))
 
     def step(self):
-        """One engine iteration: tasks, cancellations, admission + prefill, one decode step."""
+        """One engine iteration: tasks, cancellations, admission + prefill (whole prompts, then
+        at most `prefill_chunk` tokens of the long ones), one decode step."""
         self._run_tasks()
         self._drop_cancelled()
         self.prefilling = self._admit()
-        for chunk in self._prefill_chunks(self.prefilling):
+        whole = []
+        for seq in self.prefilling:
+            if self._chunked(seq):
+                self._start_partial(seq)
+            else:
+                whole.append(seq)
+        for chunk in self._prefill_chunks(whole):
             self._prefill(chunk)
         self.prefilling = []
+        self._prefill_pieces()
         if self.running:
             self._decode()
         self._update_gauges()
@@ -246,7 +279,7 @@ class Engine:
             candidates = list(self.waiting)
         admitted = []
         for seq in candidates:
-            if len(self.running) + len(admitted) >= self.max_batch:
+            if len(self.running) + len(self.partial) + len(admitted) >= self.max_batch:
                 break
             if seq.cancelled:
                 self._unqueue(seq)
@@ -296,6 +329,9 @@ class Engine:
             if seq.cancelled:
                 self._finish(seq, reason="abort")
         self._keep_rows(keep)
+        for part in [p for p in self.partial if p.seq.cancelled]:
+            self.partial.remove(part)
+            self._finish(part.seq, reason="abort")
 
     # --- forward passes ----------------------------------------------------------------------
     def _prefill_chunks(self, seqs: list[Sequence]) -> list[list[Sequence]]:
@@ -312,9 +348,12 @@ class Engine:
         return self._budget_chunks(cached) + self._budget_chunks(cold) + self._budget_chunks(scoring)
 
     def _has_cached_prefix(self, seq: Sequence) -> bool:
-        if not self.prefix.enabled:
-            return False
-        return self.prefix.cached(self._adapter_key(seq), seq.prompt, len(seq.prompt) - 1) > 0
+        return self._cached_tokens(seq) > 0
+
+    def _cached_tokens(self, seq: Sequence) -> int:
+        if not self.prefix.enabled or seq.params.prompt_logprobs is not None:  # scoring reads no cache
+            return 0
+        return self.prefix.cached(self._adapter_key(seq), seq.prompt, len(seq.prompt) - 1)
 
     def _budget_chunks(self, seqs: list[Sequence]) -> list[list[Sequence]]:
         chunks, current = [], []
@@ -355,6 +394,13 @@ class Engine:
         scoring = any(s.params.prompt_logprobs is not None for s in seqs)
         logits = self._forward(ids[:, past:], mask, positions[:, past:], part.cache, [s.slot for s in seqs],
                                every_position=scoring)
+        self._join(seqs, keys, part, logits, width)
+
+    def _join(self, seqs: list[Sequence], keys: list[tuple], part: BatchCache, logits: torch.Tensor, width: int):
+        """After the prefill of `seqs` (KV in `part`, `width` columns; logits of every position when
+        one of them scores its prompt, else of the last): offer the prompts to the prefix cache,
+        set prompt logprobs, sample each row's first token, and move the rows that go on into the
+        running batch."""
         self._cache_prompts(seqs, keys, part.cache)
         end_prefill(part.cache)
         for row, seq in enumerate(seqs):
@@ -371,6 +417,61 @@ class Engine:
         if keep:
             self.batch.extend(part)
             self.running = self.running + [seqs[i] for i in keep]
+
+    # --- chunked prefill ------------------------------------------------------------------------
+    def _chunked(self, seq: Sequence) -> bool:
+        """Whether seq's prompt is prefilled in pieces: its uncached part exceeds prefill_chunk."""
+        if not self.prefill_chunk:
+            return False
+        return len(seq.prompt) - self._cached_tokens(seq) > self.prefill_chunk
+
+    def _start_partial(self, seq: Sequence):
+        """Queue seq's piecewise prefill, starting after the prefix the cache already holds."""
+        try:
+            key = self._adapter_key(seq)
+            past, cache = self._reuse_prefixes([seq], [key], len(seq.prompt))
+        except Exception as err:  # noqa: BLE001 - this request only
+            log.exception("prefill failed")
+            self._finish(seq, error=row_error(err))
+            return
+        self.partial.append(PartialPrefill(seq, key, cache, past))
+
+    def _prefill_pieces(self):
+        """Spend this step's budget of prefill_chunk tokens on the long prompts, oldest first."""
+        budget = self.prefill_chunk
+        while budget > 0 and self.partial:
+            part = self.partial[0]
+            n = min(budget, len(part.seq.prompt) - part.done)
+            try:
+                finished = self._prefill_piece(part, n)
+            except Exception as err:  # noqa: BLE001 - this request's prompt: fail this request only
+                log.exception("prefill failed")
+                self.partial.remove(part)
+                self._finish(part.seq, error=row_error(err))
+                continue
+            budget -= n
+            if finished:
+                self.partial.remove(part)
+
+    def _prefill_piece(self, part: PartialPrefill, n: int) -> bool:
+        """Prefill the next n tokens of part's prompt over its cache; on the last piece, join the
+        batch (True)."""
+        seq, start = part.seq, part.done
+        end = start + n
+        ids = torch.tensor([seq.prompt[start:end]], dtype=torch.long, device=self.device)
+        mask = torch.ones((1, end), dtype=torch.long, device=self.device)
+        positions = torch.arange(start, end, device=self.device)[None]
+        scoring = seq.params.prompt_logprobs is not None
+        logits = self._forward(ids, mask, positions, part.cache, [seq.slot], every_position=scoring)
+        part.done = end
+        if scoring:
+            part.logits.append(logits[0])
+        if end < len(seq.prompt):
+            return False
+        if scoring:
+            logits = torch.cat(part.logits, dim=0)[None]
+        self._join([seq], [part.key], BatchCache(part.cache, mask), logits, end)
+        return True
 
     # --- the prefix cache ---------------------------------------------------------------------
     def _adapter_key(self, seq: Sequence) -> tuple:
@@ -531,9 +632,9 @@ class Engine:
     def _fail_all(self, error: Exception):
         with self.cv:
             waiting, self.waiting = self.waiting, []
-        for seq in waiting + self.prefilling + self.running:
+        for seq in waiting + self.prefilling + [p.seq for p in self.partial] + self.running:
             self._finish(seq, error=error)  # once per sequence: a finished one is skipped
-        self.running, self.prefilling, self.in_batch = [], [], 0
+        self.running, self.prefilling, self.partial, self.in_batch = [], [], [], 0
         self.batch = empty_batch(self.model.config, self.device)
         self._update_gauges()
 

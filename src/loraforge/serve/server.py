@@ -17,7 +17,7 @@ from pathlib import Path
 from loraforge import LoraError
 from loraforge.serve.adapters import AdapterRegistry
 from loraforge.serve.api import DEFAULT_MAX_BODY_BYTES, ServeState, create_app
-from loraforge.serve.engine import Engine
+from loraforge.serve.engine import DEFAULT_PREFILL_CHUNK, Engine
 from loraforge.serve.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 
 MERGED = "merged"
@@ -27,11 +27,15 @@ def build_state(model_name: str, adapters_dir: str | None, max_batch: int = 16, 
                 max_queue: int = 256, merge: str | None = None, allow_roots: list[str] = (),
                 served_name: str | None = None, dtype: str = "auto", device: str = "auto",
                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> ServeState:
+                prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+                prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> ServeState:
     """Everything the app serves, from the command line's choices."""
     from loraforge.models import load_model, load_tokenizer, resolve_model_path
 
     check_prefix_cache_mb(prefix_cache_mb)
+    if prefill_chunk < 0:
+        raise LoraError(f"--prefill-chunk must be a number of tokens >= 0 (0: prompts prefilled whole), "
+                        f"got {prefill_chunk}")
     registry = AdapterRegistry(adapters_dir, allow_roots) if adapters_dir or allow_roots else None
     model = load_model(model_name, dtype=dtype, device=device)
     tokenizer = load_tokenizer(model_name)
@@ -39,7 +43,7 @@ def build_state(model_name: str, adapters_dir: str | None, max_batch: int = 16, 
         model = merge_adapter(model, registry, merge)
         registry = None
     engine = Engine(model, tokenizer, registry, max_batch=max_batch, max_loaded=max_loaded, max_queue=max_queue,
-                    prefix_cache_mb=prefix_cache_mb)
+                    prefix_cache_mb=prefix_cache_mb, prefill_chunk=prefill_chunk)
     name = merge or served_name or str(model_name)
     if max_body_bytes < 1:
         raise LoraError(f"--max-body-bytes must be at least 1, got {max_body_bytes}")
@@ -71,7 +75,8 @@ def cli_serve(args: argparse.Namespace) -> int:
     state = build_state(args.model, args.adapters, args.max_batch, args.max_loaded, args.max_queue, args.merge,
                         args.allow_root or [], args.served_model_name, args.dtype, args.device,
                         args.max_body_bytes,
-                        DEFAULT_PREFIX_CACHE_MB if args.prefix_cache_mb is None else args.prefix_cache_mb)
+                        DEFAULT_PREFIX_CACHE_MB if args.prefix_cache_mb is None else args.prefix_cache_mb,
+                        DEFAULT_PREFILL_CHUNK if args.prefill_chunk is None else args.prefill_chunk)
     app = create_app(state, api_key=args.api_key)
     logging.basicConfig(level=logging.INFO)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
