@@ -47,6 +47,11 @@ log = logging.getLogger("loraforge.serve")
 DEFAULT_PREFILL_CHUNK = 512
 
 
+def check_prefill_chunk(tokens, name: str = "prefill_chunk"):
+    if not isinstance(tokens, int) or tokens < 0:
+        raise LoraError(f"{name} must be a whole number of tokens >= 0 (0: prompts prefilled whole), got {tokens}")
+
+
 class QueueFull(LoraError):
     """429: the waiting queue is full."""
 
@@ -146,9 +151,7 @@ class Engine:
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         if max_batch < 1 or max_queue < 0:
             raise LoraError("max_batch must be >= 1 and max_queue >= 0")
-        if not isinstance(prefill_chunk, int) or prefill_chunk < 0:
-            raise LoraError(f"prefill_chunk must be a whole number of tokens >= 0 (0: prompts prefilled whole), "
-                            f"got {prefill_chunk}")
+        check_prefill_chunk(prefill_chunk)
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.prefill_chunk = prefill_chunk

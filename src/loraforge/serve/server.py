@@ -17,7 +17,7 @@ from pathlib import Path
 from loraforge import LoraError
 from loraforge.serve.adapters import AdapterRegistry
 from loraforge.serve.api import DEFAULT_MAX_BODY_BYTES, ServeState, create_app
-from loraforge.serve.engine import DEFAULT_PREFILL_CHUNK, Engine
+from loraforge.serve.engine import DEFAULT_PREFILL_CHUNK, Engine, check_prefill_chunk
 from loraforge.serve.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 
 MERGED = "merged"
@@ -33,9 +33,7 @@ def build_state(model_name: str, adapters_dir: str | None, max_batch: int = 16, 
     from loraforge.models import load_model, load_tokenizer, resolve_model_path
 
     check_prefix_cache_mb(prefix_cache_mb)
-    if prefill_chunk < 0:
-        raise LoraError(f"--prefill-chunk must be a number of tokens >= 0 (0: prompts prefilled whole), "
-                        f"got {prefill_chunk}")
+    check_prefill_chunk(prefill_chunk, "--prefill-chunk")  # before the model loads
     registry = AdapterRegistry(adapters_dir, allow_roots) if adapters_dir or allow_roots else None
     model = load_model(model_name, dtype=dtype, device=device)
     tokenizer = load_tokenizer(model_name)
