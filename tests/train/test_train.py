@@ -84,7 +84,11 @@ def test_metrics_have_one_line_per_step_and_the_loss_falls(reference):
         assert {"step", "loss", "lr", "tokens_per_s", "peak_memory_mb"} <= r.keys()
         assert r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0
     losses = [r["loss"] for r in records]
-    assert sum(losses[-5:]) / 5 < losses[0] - 0.5, losses  # a high lr on a few repeated examples
+    # A high lr on a few repeated examples: the last five steps average well below the first step.
+    # (0.3 nats: the tiny model and tokenizer are built at test time by the installed packages, and
+    # a fresh install of 2026-12 gave a fall of 0.50 nats, on the edge of the 0.5 once asserted.)
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.3, losses
+    assert max(losses[-5:]) < min(losses[:3]), losses  # a trend, not one lucky step
     assert records[-1]["val_loss"] is not None  # 60 examples: a validation split is held out
 
 
