@@ -11,6 +11,7 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -274,10 +275,18 @@ def group_by_module(tensors: dict[str, torch.Tensor], where: str) -> dict[str, d
     return modules
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",
-                 trainable: bool = False, activate: bool = True) -> LoraConfig:
-    """Attach the adapter stored at `path` under `name`. The model is left untouched when the
-    adapter does not fit it (missing module, wrong shape): the error names module and shapes."""
+@dataclass
+class CheckedAdapter:
+    """An adapter file read and checked against a model, not yet attached (see check_adapter)."""
+    config: LoraConfig  # per-module ranks and alphas from the stored shapes (ranks_from_tensors)
+    modules: dict[str, dict[str, torch.Tensor]]  # {stored module path: {"lora_A": ..., "lora_B": ...}}
+    tensors: dict[str, torch.Tensor]  # every stored tensor, by key
+    parameter_keys: dict[str, str]  # {stored module path: parameter path} of parameter targets
+
+
+def check_adapter(model: nn.Module, path: str | os.PathLike) -> CheckedAdapter:
+    """Read the adapter at `path` and check that it fits `model` (LoraError naming the module
+    and shapes when not); the model is not touched."""
     config, tensors = read_adapter(path)
     modules = group_by_module(tensors, str(path))
     if not modules:
@@ -285,6 +294,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     keys = parameter_keys(model, config, modules, path)
     config = ranks_from_tensors(config, modules, expert_counts(model, keys))
     check_fits(model, config, modules, tensors, path, keys)
+    return CheckedAdapter(config, modules, tensors, keys)
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",
+                 trainable: bool = False, activate: bool = True) -> LoraConfig:
+    """Attach the adapter stored at `path` under `name`. The model is left untouched when the
+    adapter does not fit it (missing module, wrong shape): the error names module and shapes."""
+    checked = check_adapter(model, path)
+    config, modules, tensors = checked.config, checked.modules, checked.tensors
     attach(model, config, name, activate=activate)
     _copy_weights(model, name, modules, tensors)
     if not trainable:

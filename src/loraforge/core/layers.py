@@ -250,13 +250,18 @@ class LoraLinear(LoraLayer):
             self.lora_B[name].weight.copy_(U[:, :r] * root[None, :])  # (out, r)
         self._add_to_weight(-self.delta_weight(name))
 
-    def _match_device(self, name: str):
+    def factor_placement(self) -> tuple[torch.device, torch.dtype]:
+        """Where this layer's factors live: the base weight's device, its dtype when it is a
+        float (float32 over a quantized base)."""
         weight = self.base_layer.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        return weight.device, weight.dtype if weight.dtype.is_floating_point else torch.float32
+
+    def _match_device(self, name: str):
+        device, dtype = self.factor_placement()
         for module in (self.lora_A[name], self.lora_B[name]):
-            module.to(device=weight.device, dtype=dtype)
+            module.to(device=device, dtype=dtype)
         if name in self.lora_magnitude_vector:
-            self.lora_magnitude_vector[name].data = self.lora_magnitude_vector[name].data.to(weight.device, dtype)
+            self.lora_magnitude_vector[name].data = self.lora_magnitude_vector[name].data.to(device, dtype)
 
     def variant(self, name: str) -> LoraVariant:
         return DORA if name in self.lora_magnitude_vector else PLAIN

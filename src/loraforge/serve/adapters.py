@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from loraforge import LoraError, one_line
-from loraforge.core.config import LoraConfig
-from loraforge.core.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter
-from loraforge.core.layers import LoraEmbedding, LoraLayer
+from loraforge.core.config import LoraConfig, lora_scaling
+from loraforge.core.io import CONFIG_NAME, WEIGHTS_NAME, CheckedAdapter, check_adapter, load_adapter
+from loraforge.core.layers import LoraEmbedding, LoraLayer, LoraLinear
 from loraforge.core.ops import delete_adapter, lora_layers
 from loraforge.serve.kernel import MultiLoraKernel
 from loraforge.serve.metrics import ServeMetrics
@@ -313,9 +313,38 @@ def peek_config(path: Path) -> LoraConfig:
 @torch.no_grad()
 def read_factors(model: nn.Module, path: Path) -> dict[LoraLayer, tuple[torch.Tensor, torch.Tensor, float]]:
     """{layer: (A, B, scaling)} of the adapter at `path`, checked against `model` by
-    loraforge's own loader. The adapter is attached under a scratch name, read, then removed:
-    the model keeps only (empty) LoRA wrappers, whose router serves the stacked factors."""
+    loraforge's own loader (core.io.check_adapter). When every module it adapts is already a
+    Linear LoRA wrapper (after the first adapter, the usual case), the factors are taken from
+    the file directly; otherwise the adapter is attached under a scratch name, read, then
+    removed, so the model keeps only (empty) wrappers, whose router serves the stacked factors."""
     peek_config(path)
+    checked = check_adapter(model, path)
+    factors = _direct_factors(model, checked)
+    if factors is None:
+        factors = _attached_factors(model, path)
+    names = {layer: name for name, layer in lora_layers(model)}
+    for layer, (A, B, scaling) in factors.items():
+        check_factors(names[layer], A, B, scaling)
+    return factors
+
+
+def _direct_factors(model: nn.Module, checked: CheckedAdapter) -> dict | None:
+    """The factors as the attach path would hold them (each layer's device and dtype, the
+    config's scaling), or None when a module is not yet wrapped or is not a Linear layer."""
+    layers = dict(lora_layers(model))
+    if checked.parameter_keys or not all(isinstance(layers.get(m), LoraLinear) for m in checked.modules):
+        return None
+    factors, config = {}, checked.config
+    for module_name, parts in checked.modules.items():
+        layer = layers[module_name]
+        device, dtype = layer.factor_placement()
+        scaling = lora_scaling(config.alpha_for(module_name), config.rank_for(module_name), config.use_rslora)
+        factors[layer] = (parts["lora_A"].to(device, dtype, copy=True), parts["lora_B"].to(device, dtype, copy=True),
+                          scaling)
+    return factors
+
+
+def _attached_factors(model: nn.Module, path: Path) -> dict:
     load_adapter(model, path, SCRATCH, activate=False)
     try:
         factors = {}
@@ -325,9 +354,7 @@ def read_factors(model: nn.Module, path: Path) -> dict[LoraLayer, tuple[torch.Te
             if isinstance(layer, LoraEmbedding):
                 raise LoraError(f"LoRA on embeddings ({module_name}) is not served unmerged; use --merge")
             A, B = layer.factors(SCRATCH)
-            scaling = layer.scaling[SCRATCH]
-            check_factors(module_name, A, B, scaling)
-            factors[layer] = (A.detach().clone(), B.detach().clone(), scaling)
+            factors[layer] = (A.detach().clone(), B.detach().clone(), layer.scaling[SCRATCH])
         return factors
     finally:
         delete_adapter(model, SCRATCH)
