@@ -297,10 +297,13 @@ def report(args, rows, profiles, counts) -> str:
         lines.append(f"- {count} adapter(s): {f['tokens_s'] / base['tokens_s']:.2f}x the base-only engine, "
                      f"{f['tokens_s'] / static['tokens_s']:.2f}x HF static (p99 TTFT {f['ttft99']:.2f} vs "
                      f"{static['ttft99']:.2f} s)")
-    peft = [f for name, f in rows if name.startswith("PEFT")]
+    peft = [(name, f) for name, f in rows if name.startswith("PEFT")]
     if peft:
-        lines.append(f"- engine with {counts[-1]} adapters vs PEFT switching: "
-                     f"{by[f'engine, {counts[-1]} adapter(s)']['tokens_s'] / peft[0]['tokens_s']:.1f}x")
+        name, f = peft[0]
+        k = min(8, max(counts))  # PEFT's adapter count (main)
+        for count in sorted({k, counts[-1]} & set(counts)):
+            lines.append(f"- engine with {count} adapters vs {name}: "
+                         f"{by[f'engine, {count} adapter(s)']['tokens_s'] / f['tokens_s']:.1f}x")
     for count, profile in profiles.items():
         lines.append(f"\nengine profile, {count} adapter(s):\n\n| part | seconds | share of step time |\n|---|---:|---:|")
         lines += [f"| {name} | {seconds:.2f} | {100 * share:.0f}% |" for name, seconds, share in profile.rows()]
