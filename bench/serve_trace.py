@@ -270,13 +270,18 @@ def main(argv=None) -> int:
         rows.append(("HF static batched generate, bare base",
                      figures(replay_static(bare, base_trace, args.batch, tokenizer.pad_token_id))))
         if not args.skip_peft:
-            k = min(8, max(counts))
+            k = peft_adapters(counts)
             peft = peft_with_adapters(args.model, paths[:k], names[:k])
             rows.append((f"PEFT set_adapter per request, {k} adapters",
                          figures(replay_peft(peft, make_trace(args, tokenizer, k), names[:k],
                                              tokenizer.pad_token_id))))
     print(report(args, rows, profiles, counts))
     return 0
+
+
+def peft_adapters(counts: list[int]) -> int:
+    """How many adapters PEFT switches between (one-at-a-time serving is slow: at most 8)."""
+    return min(8, max(counts))
 
 
 def report(args, rows, profiles, counts) -> str:
@@ -300,8 +305,7 @@ def report(args, rows, profiles, counts) -> str:
     peft = [(name, f) for name, f in rows if name.startswith("PEFT")]
     if peft:
         name, f = peft[0]
-        k = min(8, max(counts))  # PEFT's adapter count (main)
-        for count in sorted({k, counts[-1]} & set(counts)):
+        for count in sorted({peft_adapters(counts), counts[-1]} & set(counts)):
             lines.append(f"- engine with {count} adapters vs {name}: "
                          f"{by[f'engine, {count} adapter(s)']['tokens_s'] / f['tokens_s']:.1f}x")
     for count, profile in profiles.items():

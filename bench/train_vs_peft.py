@@ -110,10 +110,10 @@ def peft_loop_child(data: str, steps: int, batch: int) -> None:
     times, tokens = [], []
     for step in range(steps):
         rows = [pairs[(step * batch + i) % len(pairs)] for i in range(batch)]
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
-        labels = torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in rows])
-        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
+        width = max(len(row_ids) for row_ids, _ in rows)
+        ids = torch.tensor([row_ids + [pad] * (width - len(row_ids)) for row_ids, _ in rows])
+        labels = torch.tensor([row_labels + [-100] * (width - len(row_labels)) for _, row_labels in rows])
+        mask = torch.tensor([[1] * len(row_ids) + [0] * (width - len(row_ids)) for row_ids, _ in rows])
         began = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -126,8 +126,8 @@ def peft_loop_child(data: str, steps: int, batch: int) -> None:
     print(json.dumps({"times": times, "tokens": tokens, "peak_rss_mb": peak}))
 
 
-def run_peft(data: Path, steps: int, bf16: bool, loop_batch: int = 0) -> dict:
-    flags = ["--peft-loop-child", str(loop_batch)] if loop_batch else (["--bf16"] if bf16 else [])
+def run_peft(data: Path, steps: int, *flags: str) -> dict:
+    """A PEFT child run (peft_child, or peft_loop_child with --peft-loop-child N): its figures."""
     out = subprocess.run([sys.executable, __file__, "--peft-child", str(data), "--steps", str(steps), *flags],
                          check=True, capture_output=True, text=True, env=ENV)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -208,7 +208,7 @@ def loop_table(data: Path, work: Path, args) -> None:
     """loraforge (own settings, `--loop-batch` packed rows of 256) against the hand-tuned PEFT
     loop (`--loop-batch` chat rows padded to the longest)."""
     ours = run_loraforge(data, work / "lf-loop", args.steps, "bf16-base", batch=args.loop_batch)
-    peft = run_peft(data, args.steps, True, loop_batch=args.loop_batch)
+    peft = run_peft(data, args.steps, "--peft-loop-child", str(args.loop_batch))
     lf_speed, p_speed = speed_loraforge(ours, args.warmup), speed_peft(peft, args.warmup)
     lf_mem, p_mem = ours["peak_rss_mb"], peft["peak_rss_mb"]
     print(f"\nagainst a hand-tuned PEFT loop (bf16 base, bf16 autocast, AdamW, no Trainer), "
@@ -224,7 +224,7 @@ def trainer_tables(data: Path, work: Path, args) -> None:
     rows = []
     for label, precision, bf16 in (("identical: float32", "fp32", False), ("own settings", "bf16-base", True)):
         ours = run_loraforge(data, work / f"lf-{precision}", args.steps, precision)
-        peft = run_peft(data, args.steps, bf16)
+        peft = run_peft(data, args.steps, *(["--bf16"] if bf16 else []))
         rows.append((label, speed_loraforge(ours, args.warmup), ours["peak_rss_mb"],
                      speed_peft(peft, args.warmup), peft["peak_rss_mb"]))
     print("against PEFT + transformers' Trainer, batch 4 (packed rows of 256 / rows padded):\n")

@@ -301,14 +301,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                  trainable: bool = False, activate: bool = True) -> LoraConfig:
     """Attach the adapter stored at `path` under `name`. The model is left untouched when the
     adapter does not fit it (missing module, wrong shape): the error names module and shapes."""
-    checked = check_adapter(model, path)
-    config, modules, tensors = checked.config, checked.modules, checked.tensors
-    attach(model, config, name, activate=activate)
-    _copy_weights(model, name, modules, tensors)
+    config = attach_checked(model, check_adapter(model, path), name, activate=activate)
     if not trainable:
         for p in model.parameters():
             p.requires_grad_(False)
     return config
+
+
+def attach_checked(model: nn.Module, checked: CheckedAdapter, name: str, activate: bool = True) -> LoraConfig:
+    """Attach an adapter already read and checked (check_adapter) under `name`, with its weights."""
+    attach(model, checked.config, name, activate=activate)
+    _copy_weights(model, name, checked.modules, checked.tensors)
+    return checked.config
 
 
 def ranks_from_tensors(config: LoraConfig, modules: dict, experts: dict[str, tuple[str, int]] | None = None

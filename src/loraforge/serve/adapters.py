@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from loraforge import LoraError, one_line
-from loraforge.core.config import LoraConfig, lora_scaling
-from loraforge.core.io import CONFIG_NAME, WEIGHTS_NAME, CheckedAdapter, check_adapter, load_adapter
+from loraforge.core.config import LoraConfig
+from loraforge.core.io import CONFIG_NAME, WEIGHTS_NAME, CheckedAdapter, attach_checked, check_adapter
 from loraforge.core.layers import LoraEmbedding, LoraLayer, LoraLinear
 from loraforge.core.ops import delete_adapter, lora_layers
 from loraforge.serve.kernel import MultiLoraKernel
@@ -319,43 +319,43 @@ def read_factors(model: nn.Module, path: Path) -> dict[LoraLayer, tuple[torch.Te
     removed, so the model keeps only (empty) wrappers, whose router serves the stacked factors."""
     peek_config(path)
     checked = check_adapter(model, path)
-    factors = _direct_factors(model, checked)
-    if factors is None:
-        factors = _attached_factors(model, path)
-    names = {layer: name for name, layer in lora_layers(model)}
-    for layer, (A, B, scaling) in factors.items():
-        check_factors(names[layer], A, B, scaling)
-    return factors
+    named = _direct_factors(model, checked)
+    if named is None:
+        named = _attached_factors(model, checked)
+    for module_name, (_, A, B, scaling) in named.items():
+        check_factors(module_name, A, B, scaling)
+    return {layer: (A, B, scaling) for layer, A, B, scaling in named.values()}
 
 
 def _direct_factors(model: nn.Module, checked: CheckedAdapter) -> dict | None:
-    """The factors as the attach path would hold them (each layer's device and dtype, the
-    config's scaling), or None when a module is not yet wrapped or is not a Linear layer."""
+    """{module: (layer, A, B, scaling)} as the attach path would hold them (each layer's device
+    and dtype, the config's scaling), or None when a module is not yet wrapped or not Linear."""
     layers = dict(lora_layers(model))
     if checked.parameter_keys or not all(isinstance(layers.get(m), LoraLinear) for m in checked.modules):
         return None
-    factors, config = {}, checked.config
+    named = {}
     for module_name, parts in checked.modules.items():
         layer = layers[module_name]
         device, dtype = layer.factor_placement()
-        scaling = lora_scaling(config.alpha_for(module_name), config.rank_for(module_name), config.use_rslora)
-        factors[layer] = (parts["lora_A"].to(device, dtype, copy=True), parts["lora_B"].to(device, dtype, copy=True),
-                          scaling)
-    return factors
+        named[module_name] = (layer, parts["lora_A"].to(device, dtype, copy=True),
+                              parts["lora_B"].to(device, dtype, copy=True), checked.config.scaling_for(module_name))
+    return named
 
 
-def _attached_factors(model: nn.Module, path: Path) -> dict:
-    load_adapter(model, path, SCRATCH, activate=False)
+def _attached_factors(model: nn.Module, checked: CheckedAdapter) -> dict:
+    """{module: (layer, A, B, scaling)} read from the adapter attached under a scratch name,
+    which is removed again (the wrappers it made stay)."""
+    attach_checked(model, checked, SCRATCH, activate=False)
     try:
-        factors = {}
+        named = {}
         for module_name, layer in lora_layers(model):
             if SCRATCH not in layer.r:
                 continue
             if isinstance(layer, LoraEmbedding):
                 raise LoraError(f"LoRA on embeddings ({module_name}) is not served unmerged; use --merge")
             A, B = layer.factors(SCRATCH)
-            factors[layer] = (A.detach().clone(), B.detach().clone(), layer.scaling[SCRATCH])
-        return factors
+            named[module_name] = (layer, A.detach().clone(), B.detach().clone(), layer.scaling[SCRATCH])
+        return named
     finally:
         delete_adapter(model, SCRATCH)
 
