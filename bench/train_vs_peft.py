@@ -191,6 +191,8 @@ def main() -> None:
     tables = {t.strip() for t in args.tables.split(",") if t.strip()}
     if not tables or tables - {"trainer", "loop"}:
         parser.error(f"--tables: expected a comma list of trainer, loop; got {args.tables!r}")
+    if args.loop_batch < 1:
+        parser.error(f"--loop-batch: expected a positive number of rows, got {args.loop_batch}")
     from loraforge.models.embedded import ensure_default_model
 
     ensure_default_model("bfloat16")  # made once, outside the measured runs (their peak RSS is their own)
