@@ -231,6 +231,10 @@ def test_block_causal_mask_and_collate_padding():
     assert batch["attention_mask"][1, 0, 2].tolist() == [torch.finfo(torch.float32).min] * 2 + [0.0]
     assert count_answer_tokens(batch["labels"]) == 3
     assert collate(rows, 0, mask_dtype=torch.bfloat16)["attention_mask"].dtype == torch.bfloat16
+    wide = collate(rows, pad_id=0, pad_to_multiple_of=4)  # width 3 rounded up to 4; 1 leaves it
+    assert wide["input_ids"].tolist() == [[5, 6, 7, 0], [8, 9, 0, 0]] and wide["attention_mask"].shape == (2, 1, 4, 4)
+    assert count_answer_tokens(wide["labels"]) == 3 and wide["position_ids"][:, :3].tolist() == [[0, 1, 2], [0, 1, 0]]
+    assert collate(rows, 0, pad_to_multiple_of=1)["input_ids"].shape == (2, 3)
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])

@@ -285,3 +285,21 @@ def test_embedded_model_trains_and_generates(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip()
 
+
+
+def test_step_tokens_count_the_examples_not_the_padding():
+    """tokens (and tokens/s) in metrics.jsonl are the rows' own tokens: collate pads a batch to
+    its longest row, and those pad positions are not throughput."""
+    from factory import tiny_llama
+    from loraforge import data as D
+
+    model = tiny_llama()
+    attach(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    rows = D.pack([(list(range(3, 3 + n)), list(range(3, 3 + n))) for n in (20, 7, 5)], max_tokens=20)
+    ctx = T.Context(device=torch.device("cpu"), autocast=None, mask_dtype=torch.float32, pad_id=0,
+                    params=list(adapter_params(model).values()))
+    stats = T.sft_backward(model, [rows], ctx)
+    assert [len(r["input_ids"]) for r in rows] == [20, 12]  # collated to (2, 32): 32 positions of padding
+    assert stats["tokens"] == D.count_tokens(rows) == 32
+    narrow = T.sft_backward(model, [rows], dataclasses.replace(ctx, pad_multiple=1))  # (2, 20)
+    assert narrow["tokens"] == 32 and narrow["loss"] == pytest.approx(stats["loss"], rel=1e-5)  # padding is masked

@@ -25,7 +25,7 @@ from loraforge import LoraError
 from loraforge.data.chat import chat_prompt_ids, render_chat
 from loraforge.data.records import IGNORE_INDEX, Example, Pair
 
-__all__ = ["EncodedSet", "answer_text", "batches", "block_causal_mask", "collate", "count_answer_tokens",
+__all__ = ["EncodedSet", "answer_text", "batches", "block_causal_mask", "collate", "count_answer_tokens", "count_tokens",
            "encode_example", "encode_examples", "has_windows", "n_trained", "one_per_row", "pack",
            "prompt_text", "stop_notes", "train_val_split"]
 
@@ -246,8 +246,9 @@ def has_windows(config) -> bool:
 
 
 def collate(rows: list[dict[str, list[int]]], pad_id: int, mask_dtype: torch.dtype = torch.float32,
-            windows: bool = False) -> dict[str, torch.Tensor]:
-    """Pad rows to one length; returns model(**batch) inputs.
+            windows: bool = False, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Pad rows to one length, the longest row's rounded up to a multiple of `pad_to_multiple_of`
+    (as transformers' collators do); returns model(**batch) inputs.
 
     input_ids, labels (padding -100), position_ids: (B, T), positions restarting at 0 for each
     packed example. Full-attention models get attention_mask (B, 1, T, T), additive: 0 where
@@ -257,7 +258,7 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int, mask_dtype: torch.dty
     """
     if not rows:
         raise LoraError("collate needs at least one row")
-    T = max(len(r["input_ids"]) for r in rows)
+    T = -(-max(len(r["input_ids"]) for r in rows) // pad_to_multiple_of) * pad_to_multiple_of
 
     def padded(key: str, value: int) -> torch.Tensor:
         return torch.tensor([r[key] + [value] * (T - len(r[key])) for r in rows], dtype=torch.long)
@@ -269,6 +270,11 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int, mask_dtype: torch.dty
         batch["attention_mask"] = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill_(
             ~allowed, torch.finfo(mask_dtype).min)
     return batch
+
+
+def count_tokens(rows: list[dict[str, list[int]]]) -> int:
+    """Tokens of the examples in rows (pack's or one_per_row's), without the padding collate adds."""
+    return sum(len(r["input_ids"]) for r in rows)
 
 
 def count_answer_tokens(labels: torch.Tensor) -> int:

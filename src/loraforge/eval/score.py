@@ -39,12 +39,13 @@ def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def rows_loss(model, rows: list[dict], pad_id: int, batch_size: int = 8,
-              autocast: torch.dtype | None = None) -> float:
+              autocast: torch.dtype | None = None, pad_to_multiple_of: int = 1) -> float:
     """Mean cross-entropy per answer token over packed rows (data.pack), batch by batch."""
     param = next(model.parameters())
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        rows_here = D.collate(rows[start:start + batch_size], pad_id, windows=D.has_windows(model.config))
+        rows_here = D.collate(rows[start:start + batch_size], pad_id, windows=D.has_windows(model.config),
+                              pad_to_multiple_of=pad_to_multiple_of)
         batch = {k: v.to(param.device) for k, v in rows_here.items()}
         if "attention_mask" in batch:
             batch["attention_mask"] = batch["attention_mask"].to(autocast or param.dtype)

@@ -1,20 +1,24 @@
 """Memory-lean training: keep fewer activations for backward, recompute the cheap ones.
 
-With a frozen base, most of training's memory is activations saved for backward. Three places
+With a frozen base, most of training's memory is activations saved for backward. Four places
 save far more than they need:
 - RMSNorm keeps a float32 copy of its input and the normalised result (Llama's formula casts up,
   normalises, casts back); recomputing it in backward needs only the input.
 - SwiGLU keeps silu(gate) besides gate and up; it is recomputed from gate in backward.
+- The LoRA A matmuls keep their input for A's gradient: the normalised hidden states (read by
+  q/k/v and by gate/up) and SwiGLU's product (read by down). Inside a decoder layer those
+  outputs are remembered with how they were made, and a saved-tensor hook keeps the recipe
+  (inputs the norm / SwiGLU already keep) instead of the tensor; backward recomputes them.
 - The loss keeps (answer tokens x vocabulary) float32 logits and log-softmax; computed a chunk
   of rows at a time with the gradient for the hidden states formed in the same pass, at most one
   chunk of logits is alive, and nothing vocabulary-sized is kept for backward.
 
-The first two are ``torch.utils.checkpoint`` (non-reentrant) around a few elementwise ops:
-backward replays exactly the same ops, so gradients equal the plain path's bit for bit. The loss
-gives the same gradient up to rounding (the scale of the loss is applied after the head's
-matmul instead of before). Tests compare all three with autograd on the unmodified modules.
-Only module classes whose forward is Llama's formula are patched (LEAN_NORMS, LEAN_MLPS); any
-other model trains as before.
+The first three replay exactly the same ops (``torch.utils.checkpoint``, non-reentrant, around
+a few elementwise ops, and the hook's replay under the same autocast state), so gradients equal
+the plain path's bit for bit. The loss gives the same gradient up to rounding (the scale of the
+loss is applied after the head's matmul instead of before). Tests compare all of them with
+autograd on the unmodified modules. Only module classes whose forward is Llama's formula are
+patched (LEAN_NORMS, LEAN_MLPS); any other model trains as before.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 LEAN_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MixtralRMSNorm",
               "Qwen3MoeRMSNorm", "Qwen2MoeRMSNorm"}
 LEAN_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
-LOGIT_ELEMENTS = 1 << 23  # logits per loss chunk (8M: 32 MB in float32)
+LOGIT_ELEMENTS = 1 << 21  # logits per loss chunk (2M: 8 MB in float32)
 
 
 def _recompute(fn, *args):
@@ -39,13 +43,13 @@ def _recompute(fn, *args):
 def _lean_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if not (torch.is_grad_enabled() and hidden_states.requires_grad):
         return self._plain_forward(hidden_states)
-    return _recompute(self._plain_forward, hidden_states)
+    return _remember(_recompute(self._plain_forward, hidden_states), self._plain_forward, hidden_states)
 
 
 def _lean_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)  # (batch, seq, intermediate) each
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        return self.down_proj(_recompute(self._act_mul, gate, up))
+        return self.down_proj(_remember(_recompute(self._act_mul, gate, up), self._act_mul, gate, up))
     return self.down_proj(self._act_mul(gate, up))
 
 
@@ -53,8 +57,73 @@ def _act_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return self.act_fn(gate) * up
 
 
+# --- recomputed instead of saved: the LoRA A inputs of a decoder layer ------------------------
+_RECIPES: list[dict[int, tuple]] = []  # per decoder-layer forward in progress: storage -> (output, fn, args, autocast)
+
+
+class _Replay:
+    """What a saved-tensor hook keeps instead of a remembered output (or a view of one)."""
+
+    def __init__(self, fn, args: tuple, autocast: tuple, view: tuple):
+        self.fn, self.args, self.autocast, self.view = fn, args, autocast, view
+
+    def tensor(self) -> torch.Tensor:
+        device_type, enabled, dtype = self.autocast
+        with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            out = self.fn(*self.args)
+        return out.as_strided(*self.view)
+
+
+def _remember(out: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
+    """Note that `out` is fn(*args) (whose args the checkpoint around fn keeps anyway)."""
+    if _RECIPES:
+        device_type = out.device.type
+        state = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        _RECIPES[-1][out.untyped_storage().data_ptr()] = (out, fn, args, state)
+    return out
+
+
+def _pack(saved: torch.Tensor):
+    hit = _RECIPES[-1].get(saved.untyped_storage().data_ptr()) if _RECIPES else None
+    if hit is None or hit[0].untyped_storage().nbytes() != saved.untyped_storage().nbytes():
+        return saved
+    _, fn, args, state = hit
+    return _Replay(fn, args, state, (saved.shape, saved.stride(), saved.storage_offset()))
+
+
+def _unpack(packed):
+    return packed.tensor() if isinstance(packed, _Replay) else packed
+
+
+def _lean_block_forward(self, *args, **kwargs):
+    """A decoder layer's forward, its norm / SwiGLU outputs replayed in backward, not kept. The
+    outputs stay referenced until the layer returns, so no other tensor can take their memory
+    (and be mistaken for them) while the hook is looking."""
+    if not torch.is_grad_enabled():
+        return self._plain_forward(*args, **kwargs)
+    _RECIPES.append({})
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            return self._plain_forward(*args, **kwargs)
+    finally:
+        _RECIPES.pop()
+
+
+def _is_block(module: nn.Module) -> bool:
+    """A decoder layer: a patched MLP among its children."""
+    return any(type(child).__name__ in LEAN_MLPS and getattr(child, "_plain_forward", None) is not None
+               for child in module.children())
+
+
 def make_lean(model: nn.Module) -> int:
-    """Patch the RMSNorm and SwiGLU modules of `model` in place (idempotent); returns how many."""
+    """Patch the RMSNorm and SwiGLU modules of `model` in place (idempotent); returns how many.
+
+    transformers (5.x, with the `kernels` package) swaps hub kernels in and out of decorated
+    modules such as RMSNorm on every train()/eval() switch, which would silently put the plain
+    forward back; the model's kernelization is turned off first (on CPU it is the plain forward
+    anyway)."""
+    if getattr(model, "use_kernels", False):
+        model.use_kernels = False  # transformers: reset_kernels(), and no re-kernelizing on train()/eval()
     patched = 0
     for module in model.modules():
         name = type(module).__name__
@@ -70,6 +139,10 @@ def make_lean(model: nn.Module) -> int:
         else:
             continue
         patched += 1
+    for module in model.modules():
+        if getattr(module, "_plain_forward", None) is None and _is_block(module):
+            module._plain_forward = module.forward
+            module.forward = types.MethodType(_lean_block_forward, module)
     return patched
 
 

@@ -97,7 +97,8 @@ def batch_loss(model, batch, method: str, beta: float = 0.1, orpo_lambda: float 
 
 
 def _collated(pairs: list[dict], ctx: Context) -> dict[str, torch.Tensor]:
-    return to_device(D.collate(pair_rows(pairs), ctx.pad_id, windows=ctx.windows), ctx.device, ctx.mask_dtype)
+    batch = D.collate(pair_rows(pairs), ctx.pad_id, windows=ctx.windows, pad_to_multiple_of=ctx.pad_multiple)
+    return to_device(batch, ctx.device, ctx.mask_dtype)
 
 
 def _chosen_tokens(pairs: list[dict]) -> int:
@@ -137,7 +138,7 @@ def backward(model, micro_batches: list[list[dict]], cfg, ctx: Context) -> dict:
         (loss * ctx.grad_factor).backward()
         loss_total += float(loss.detach())
         totals.add(terms)
-        seen += int(batch["input_ids"].numel())
+        seen += D.count_tokens(pair_rows(pairs))  # the pairs' own tokens, not the batch's padding
     return {"loss": dist.all_sum(loss_total), "tokens": dist.all_sum(seen), "answer_tokens": n_chosen,
             "metrics": totals.means(n_pairs)}
 
