@@ -17,7 +17,7 @@ from factory import tiny_tokenizer
 from loraforge import LoraError
 from loraforge.data import (
     IGNORE_INDEX, Example, answer_text, batches, block_causal_mask, collate, count_answer_tokens,
-    detect_format, encode_example, encode_examples, load_examples, one_per_row, pack, parse_record,
+    detect_format, encode_example, encode_examples, length_grouped, load_examples, one_per_row, pack, parse_record,
     prompt_text, read_jsonl, train_val_split,
 )
 
@@ -302,6 +302,34 @@ def test_batches_are_deterministic_per_seed_and_epoch():
     assert order(0, 1) != order(0, 0) and order(1, 0) != order(0, 0)
     with pytest.raises(LoraError):
         next(batches(rows, 0))
+
+
+def test_length_grouped_batches_rows_of_similar_length_in_shuffled_order():
+    import random
+
+    gen = random.Random(0)
+    rows = [{"input_ids": [1] * gen.randint(10, 250), "i": i} for i in range(203)]
+    grouped = length_grouped(rows, 4, seed=0, epoch=0, window=8)
+    assert sorted(r["i"] for r in grouped) == list(range(203))  # every row once
+    assert grouped == length_grouped(rows, 4, seed=0, epoch=0, window=8)  # a pure function of (seed, epoch)
+    assert grouped != length_grouped(rows, 4, seed=0, epoch=1, window=8)
+
+    def padding(order):
+        return sum(4 * max(len(r["input_ids"]) for r in order[i:i + 4]) - sum(len(r["input_ids"]) for r in order[i:i + 4])
+                   for i in range(0, 200, 4))
+
+    shuffled = [r for b in batches(rows, len(rows), seed=0, epoch=0) for r in b]
+    assert padding(grouped) < 0.2 * padding(shuffled)
+    longest = max(len(r["input_ids"]) for r in rows)
+    assert longest in [len(r["input_ids"]) for r in grouped[:4]]  # the widest batch first
+    # windows of 8 batches: each sorted, then its batches shuffled (only the widest batch moved out)
+    for w in range(1, 6):
+        window = {r["i"] for r in shuffled[w * 32:(w + 1) * 32]}
+        assert len(window & {r["i"] for r in grouped[w * 32:(w + 1) * 32]}) >= 28
+    lengths = [len(r["input_ids"]) for r in grouped[32:64]]
+    assert lengths != sorted(lengths, reverse=True)  # the window's batches are not in length order
+    pairs = [{"chosen": {"input_ids": [1] * n}, "rejected": {"input_ids": [1] * (300 - n)}} for n in range(5, 300, 7)]
+    assert sorted(map(id, length_grouped(pairs, 2))) == sorted(map(id, pairs))  # preference pairs: their longer side
 
 
 def test_train_val_split():

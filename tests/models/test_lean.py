@@ -61,12 +61,14 @@ def saved_bytes(model, autocast: torch.dtype | None = None) -> int:
     return sum(seen.values())
 
 
-def count_replays(monkeypatch) -> list:
-    """Calls of the lean hook's replay (a remembered norm / SwiGLU output recomputed in backward)."""
-    calls = []
-    replay = lean._Replay.tensor
-    monkeypatch.setattr(lean._Replay, "tensor", lambda self: calls.append(self) or replay(self))
-    return calls
+def count_replays(monkeypatch) -> tuple[list, list]:
+    """Calls of the lean hook's unpack (a saved norm / SwiGLU output asked for in backward) and of
+    its recomputation (once per output, however many layers saved it)."""
+    unpacks, recomputes = [], []
+    unpack, replay = lean._Replay.tensor, lean._Recipe.replay
+    monkeypatch.setattr(lean._Replay, "tensor", lambda self: unpacks.append(self) or unpack(self))
+    monkeypatch.setattr(lean._Recipe, "replay", lambda self: recomputes.append(self) or replay(self))
+    return unpacks, recomputes
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3"])
@@ -77,11 +79,12 @@ def test_lean_norm_and_mlp_give_the_same_gradients_bit_for_bit(name, monkeypatch
     expected = 2 * 3 + 1 + (4 if name == "qwen3" else 0)  # two norms and an MLP per layer, the final norm, q/k norms
     assert lean.make_lean(model) == expected
     assert lean.make_lean(model) == 0  # idempotent
-    replays = count_replays(monkeypatch)
+    unpacks, recomputes = count_replays(monkeypatch)
     lean_loss, lean_grads = loss_and_grads(model)
     # per layer the attention norm's output for q/k/v, the MLP norm's for gate/up, SwiGLU's for
     # down; less layer 0's q/k/v, whose norm reads the frozen embeddings (nothing to recompute)
-    assert len(replays) == 2 * 6 - 3
+    assert len(unpacks) == 2 * 6 - 3 and len(recomputes) == 2 * 3 - 1
+    assert all(recipe.value is None for recipe in recomputes)  # each dropped after its last use
     assert lean_loss == plain_loss
     assert plain.keys() == lean_grads.keys()
     for key in plain:
@@ -93,6 +96,7 @@ def test_lean_norm_and_mlp_give_the_same_gradients_bit_for_bit(name, monkeypatch
 def test_bf16_base_under_autocast(monkeypatch):
     model = lora_model(dtype=torch.bfloat16)
     monkeypatch.setattr(lean, "LOGIT_ELEMENTS", 1 << 40)
+    monkeypatch.setattr(lean, "GQA_ON_CPU", False)  # SDPA's own GQA kernel rounds differently (next test)
     _, plain = loss_and_grads(model, torch.bfloat16)
     plain_bytes = saved_bytes(model, torch.bfloat16)
     lean.make_lean(model)
@@ -100,6 +104,31 @@ def test_bf16_base_under_autocast(monkeypatch):
     for key in plain:
         assert torch.equal(plain[key], lean_grads[key]), key
     assert saved_bytes(model, torch.bfloat16) < 0.7 * plain_bytes  # 0.65 measured
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_gqa_on_cpu_keeps_only_the_key_value_heads(dtype, monkeypatch):
+    """Grouped-query attention through SDPA's enable_gqa (the tiny Llama: 4 query heads, 2 key/value
+    heads): the same gradients up to the kernel's rounding, and k / v are not copied per head."""
+    import os
+
+    monkeypatch.setattr(lean, "LOGIT_ELEMENTS", 1 << 40)
+    monkeypatch.delenv(lean._FORCE_GQA, raising=False)
+    autocast = dtype if dtype == torch.bfloat16 else None
+    model = lora_model(dtype=dtype)
+    _, plain = loss_and_grads(model, autocast)
+    lean.make_lean(model)
+    monkeypatch.setattr(lean, "GQA_ON_CPU", False)
+    _, repeated = loss_and_grads(model, autocast)
+    repeated_bytes = saved_bytes(model, autocast)
+    monkeypatch.setattr(lean, "GQA_ON_CPU", True)
+    _, grouped = loss_and_grads(model, autocast)
+    assert saved_bytes(model, autocast) < repeated_bytes
+    assert lean._FORCE_GQA not in os.environ  # set for each layer's forward only
+    for key in plain:
+        assert torch.equal(plain[key], repeated[key]), key
+        err = (grouped[key] - plain[key]).norm() / plain[key].norm()
+        assert err < (2e-2 if dtype == torch.bfloat16 else 1e-5), (key, float(err))
 
 
 def plain_loss_sum(hidden, head, targets):

@@ -26,7 +26,7 @@ from loraforge.data.chat import chat_prompt_ids, render_chat
 from loraforge.data.records import IGNORE_INDEX, Example, Pair
 
 __all__ = ["EncodedSet", "answer_text", "batches", "block_causal_mask", "collate", "count_answer_tokens", "count_tokens",
-           "encode_example", "encode_examples", "has_windows", "n_trained", "one_per_row", "pack",
+           "encode_example", "encode_examples", "has_windows", "length_grouped", "n_trained", "one_per_row", "pack",
            "prompt_text", "stop_notes", "train_val_split"]
 
 # ----------------------------------------------------------------------------- encoding
@@ -293,6 +293,36 @@ def batches(rows: list[dict], batch_size: int, seed: int = 0, epoch: int = 0) ->
     random.Random(f"batches:{seed}:{epoch}").shuffle(order)
     for start in range(0, len(order), batch_size):
         yield [rows[i] for i in order[start:start + batch_size]]
+
+
+def _tokens_in(row: dict) -> int:
+    """A packed row's length, or a preference pair's (data.pairs) longer side."""
+    if "input_ids" in row:
+        return len(row["input_ids"])
+    return max(len(row[side]["input_ids"]) for side in ("chosen", "rejected"))
+
+
+def length_grouped(rows: list[dict], batch_size: int, seed: int = 0, epoch: int = 0,
+                   window: int = 16) -> list[dict]:
+    """The epoch's rows in ``batches``' shuffled order, then within each window of `window`
+    batches sorted by length, cut into batches of batch_size and those batches shuffled (the
+    last, shorter one stays last): each batch holds rows of similar length, so collate pads
+    little. The batch with the epoch's longest row goes first, so the largest activations are
+    allocated before smaller ones fragment the heap (and an out-of-memory shows at once).
+    transformers' ``group_by_length`` does both, with mega-batches of 50. A pure function of
+    (seed, epoch), so a resumed run sees the same order."""
+    order = [row for batch in batches(rows, max(len(rows), 1), seed, epoch) for row in batch]
+    rng, grouped, span = random.Random(f"length-groups:{seed}:{epoch}"), [], window * batch_size
+    for start in range(0, len(order), span):
+        part = sorted(order[start:start + span], key=lambda row: -_tokens_in(row))
+        cut = len(part) - len(part) % batch_size
+        grouped += rng.sample([part[i:i + batch_size] for i in range(0, cut, batch_size)], cut // batch_size)
+        if cut < len(part):
+            grouped.append(part[cut:])
+    if grouped:
+        widest = max(range(len(grouped)), key=lambda i: max(map(_tokens_in, grouped[i])))
+        grouped[0], grouped[widest] = grouped[widest], grouped[0]
+    return [row for batch in grouped for row in batch]
 
 
 # ----------------------------------------------------------------------------- splitting

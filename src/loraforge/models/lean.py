@@ -1,6 +1,6 @@
 """Memory-lean training: keep fewer activations for backward, recompute the cheap ones.
 
-With a frozen base, most of training's memory is activations saved for backward. Four places
+With a frozen base, most of training's memory is activations saved for backward. Five places
 save far more than they need:
 - RMSNorm keeps a float32 copy of its input and the normalised result (Llama's formula casts up,
   normalises, casts back); recomputing it in backward needs only the input.
@@ -9,19 +9,23 @@ save far more than they need:
   q/k/v and by gate/up) and SwiGLU's product (read by down). Inside a decoder layer those
   outputs are remembered with how they were made, and a saved-tensor hook keeps the recipe
   (inputs the norm / SwiGLU already keep) instead of the tensor; backward recomputes them.
+- Grouped-query attention through transformers' SDPA copies k and v to every query head when a
+  mask is given, and keeps the copies; on CPU, SDPA's own ``enable_gqa`` is used (_sdpa_gqa).
 - The loss keeps (answer tokens x vocabulary) float32 logits and log-softmax; computed a chunk
   of rows at a time with the gradient for the hidden states formed in the same pass, at most one
   chunk of logits is alive, and nothing vocabulary-sized is kept for backward.
 
 The first three replay exactly the same ops (``torch.utils.checkpoint``, non-reentrant, around
 a few elementwise ops, and the hook's replay under the same autocast state), so gradients equal
-the plain path's bit for bit. The loss gives the same gradient up to rounding (the scale of the
-loss is applied after the head's matmul instead of before). Tests compare all of them with
+the plain path's bit for bit. SDPA's GQA kernel and the loss give the same gradient up to
+rounding (the loss: its scale is applied after the head's matmul instead of before). Tests compare all of them with
 autograd on the unmodified modules. Only module classes whose forward is Llama's formula are
 patched (LEAN_NORMS, LEAN_MLPS); any other model trains as before.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import types
 
 import torch
@@ -34,6 +38,8 @@ LEAN_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", 
               "Qwen3MoeRMSNorm", "Qwen2MoeRMSNorm"}
 LEAN_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
 LOGIT_ELEMENTS = 1 << 21  # logits per loss chunk (2M: 8 MB in float32)
+GQA_ON_CPU = True  # grouped-query attention without copying k / v per head, on CPU (_sdpa_gqa)
+_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 
 def _recompute(fn, *args):
@@ -58,20 +64,39 @@ def _act_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 # --- recomputed instead of saved: the LoRA A inputs of a decoder layer ------------------------
-_RECIPES: list[dict[int, tuple]] = []  # per decoder-layer forward in progress: storage -> (output, fn, args, autocast)
+_RECIPES: list[dict[int, tuple]] = []  # per decoder-layer forward in progress: storage -> (output, _Recipe)
+
+
+class _Recipe:
+    """How a remembered output was made. Every saved copy of it (q, k and v each save the same
+    normalised hidden states) shares one recipe: backward recomputes it once, at the first
+    unpack, and drops it at the last."""
+
+    def __init__(self, fn, args: tuple, autocast: tuple):
+        self.fn, self.args, self.autocast = fn, args, autocast
+        self.packs, self.unpacks, self.value = 0, 0, None
+
+    def replay(self) -> torch.Tensor:
+        device_type, enabled, dtype = self.autocast
+        with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            return self.fn(*self.args)
+
+    def unpack(self, view: tuple) -> torch.Tensor:
+        value = self.value if self.value is not None else self.replay()
+        self.unpacks += 1
+        self.value = value if self.unpacks < self.packs else None
+        return value.as_strided(*view)
 
 
 class _Replay:
-    """What a saved-tensor hook keeps instead of a remembered output (or a view of one)."""
+    """What the saved-tensor hook keeps instead of a remembered output (or a view of one)."""
 
-    def __init__(self, fn, args: tuple, autocast: tuple, view: tuple):
-        self.fn, self.args, self.autocast, self.view = fn, args, autocast, view
+    def __init__(self, recipe: _Recipe, view: tuple):
+        self.recipe, self.view = recipe, view
+        recipe.packs += 1
 
     def tensor(self) -> torch.Tensor:
-        device_type, enabled, dtype = self.autocast
-        with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            out = self.fn(*self.args)
-        return out.as_strided(*self.view)
+        return self.recipe.unpack(self.view)
 
 
 def _remember(out: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
@@ -79,7 +104,7 @@ def _remember(out: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
     if _RECIPES:
         device_type = out.device.type
         state = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        _RECIPES[-1][out.untyped_storage().data_ptr()] = (out, fn, args, state)
+        _RECIPES[-1][out.untyped_storage().data_ptr()] = (out, _Recipe(fn, args, state))
     return out
 
 
@@ -87,8 +112,7 @@ def _pack(saved: torch.Tensor):
     hit = _RECIPES[-1].get(saved.untyped_storage().data_ptr()) if _RECIPES else None
     if hit is None or hit[0].untyped_storage().nbytes() != saved.untyped_storage().nbytes():
         return saved
-    _, fn, args, state = hit
-    return _Replay(fn, args, state, (saved.shape, saved.stride(), saved.storage_offset()))
+    return _Replay(hit[1], (saved.shape, saved.stride(), saved.storage_offset()))
 
 
 def _unpack(packed):
@@ -101,12 +125,31 @@ def _lean_block_forward(self, *args, **kwargs):
     (and be mistaken for them) while the hook is looking."""
     if not torch.is_grad_enabled():
         return self._plain_forward(*args, **kwargs)
+    hidden = args[0] if args else kwargs.get("hidden_states")
     _RECIPES.append({})
     try:
-        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack), \
+                _sdpa_gqa(GQA_ON_CPU and isinstance(hidden, torch.Tensor) and hidden.device.type == "cpu"):
             return self._plain_forward(*args, **kwargs)
     finally:
         _RECIPES.pop()
+
+
+@contextlib.contextmanager
+def _sdpa_gqa(enabled: bool):
+    """transformers' SDPA attention copies k and v to every query head whenever a mask is given
+    (its CUDA kernels would fall back to the math path otherwise), and backward keeps the copies;
+    on CPU, SDPA's own ``enable_gqa`` takes the mask and keeps only the key/value heads (SmolLM2:
+    3 of 9). transformers' switch for it is an environment variable, read at each call: set here
+    for the layer's forward unless the user set it."""
+    if not enabled or _FORCE_GQA in os.environ:
+        yield
+        return
+    os.environ[_FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(_FORCE_GQA, None)
 
 
 def _is_block(module: nn.Module) -> bool:

@@ -70,6 +70,8 @@ class TrainConfig:
     max_tokens: int = setting(256, "tokens in one packed row")
     max_len: int = setting(256, "an example is cut to this many tokens")
     train_on_prompt: bool = setting(False, "learn the prompt tokens too (default: the answer only)")
+    group_by_length: bool = setting(True, "batch rows of similar length together (less padding; batches still come "
+                                          "in shuffled order)", flag="--no-group-by-length")
     method: str = setting("sft", "objective: sft (answer NLL), dpo (Rafailov et al. 2023) or orpo (Hong et al. 2024)",
                           choices=METHODS)
     beta: float = setting(0.1, "DPO: beta, how far the policy may move from the reference (the adapter off)")
