@@ -27,7 +27,7 @@ from loraforge.data.records import IGNORE_INDEX, Example, Pair
 
 __all__ = ["EncodedSet", "answer_text", "batches", "block_causal_mask", "collate", "count_answer_tokens", "count_tokens",
            "encode_example", "encode_examples", "has_windows", "length_grouped", "n_trained", "one_per_row", "pack",
-           "prompt_text", "stop_notes", "train_val_split"]
+           "prompt_text", "shuffled", "stop_notes", "train_val_split"]
 
 # ----------------------------------------------------------------------------- encoding
 
@@ -285,14 +285,20 @@ def count_answer_tokens(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
-def batches(rows: list[dict], batch_size: int, seed: int = 0, epoch: int = 0) -> Iterator[list[dict]]:
-    """Lists of batch_size rows (the last may be shorter), shuffled the same way for (seed, epoch)."""
-    if batch_size < 1:
-        raise LoraError(f"batch_size must be at least 1, got {batch_size}")
+def shuffled(rows: list[dict], seed: int = 0, epoch: int = 0) -> list[dict]:
+    """The rows in one epoch's order, the same for the same (seed, epoch)."""
     order = list(range(len(rows)))
     random.Random(f"batches:{seed}:{epoch}").shuffle(order)
+    return [rows[i] for i in order]
+
+
+def batches(rows: list[dict], batch_size: int, seed: int = 0, epoch: int = 0) -> Iterator[list[dict]]:
+    """Lists of batch_size rows (the last may be shorter), in ``shuffled`` order for (seed, epoch)."""
+    if batch_size < 1:
+        raise LoraError(f"batch_size must be at least 1, got {batch_size}")
+    order = shuffled(rows, seed, epoch)
     for start in range(0, len(order), batch_size):
-        yield [rows[i] for i in order[start:start + batch_size]]
+        yield order[start:start + batch_size]
 
 
 def _tokens_in(row: dict) -> int:
@@ -304,14 +310,14 @@ def _tokens_in(row: dict) -> int:
 
 def length_grouped(rows: list[dict], batch_size: int, seed: int = 0, epoch: int = 0,
                    window: int = 16) -> list[dict]:
-    """The epoch's rows in ``batches``' shuffled order, then within each window of `window`
+    """The epoch's rows in ``shuffled`` order, then within each window of `window`
     batches sorted by length, cut into batches of batch_size and those batches shuffled (the
     last, shorter one stays last): each batch holds rows of similar length, so collate pads
     little. The batch with the epoch's longest row goes first, so the largest activations are
     allocated before smaller ones fragment the heap (and an out-of-memory shows at once).
     transformers' ``group_by_length`` does both, with mega-batches of 50. A pure function of
     (seed, epoch), so a resumed run sees the same order."""
-    order = [row for batch in batches(rows, max(len(rows), 1), seed, epoch) for row in batch]
+    order = shuffled(rows, seed, epoch)
     rng, grouped, span = random.Random(f"length-groups:{seed}:{epoch}"), [], window * batch_size
     for start in range(0, len(order), span):
         part = sorted(order[start:start + span], key=lambda row: -_tokens_in(row))

@@ -144,11 +144,9 @@ def step_batches(cfg: TrainConfig, rows: list[dict], step: int) -> list[list[dic
     per_epoch = steps_per_epoch(cfg, len(rows))
     epoch, index = divmod(step, per_epoch)
     rows_per_step = cfg.batch_size * cfg.grad_accum
-    if cfg.group_by_length:
-        shuffled = D.length_grouped(rows, cfg.batch_size, cfg.seed, epoch)
-    else:
-        shuffled = [row for batch in D.batches(rows, len(rows), cfg.seed, epoch) for row in batch]
-    chunk = shuffled[index * rows_per_step:(index + 1) * rows_per_step]
+    order = D.length_grouped(rows, cfg.batch_size, cfg.seed, epoch) if cfg.group_by_length \
+        else D.shuffled(rows, cfg.seed, epoch)
+    chunk = order[index * rows_per_step:(index + 1) * rows_per_step]
     return [chunk[i:i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size)]
 
 
