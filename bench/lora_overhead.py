@@ -4,8 +4,14 @@
    loraforge against PEFT on the same inputs, interleaved so that machine noise hits both alike.
 2. Inference forward at batch 4 x 256 tokens: bare base model, loraforge with the adapter
    unmerged, and merged (which must equal the base model's cost: it is the base model's layers).
+3. One decode step at batch 1: bare base, unmerged through LoraLinear's short inference forward,
+   and unmerged through the general routing path (what every unmerged forward took before).
 
     python bench/lora_overhead.py [--iters 6] [--batch 4] [--seq 256] [--dtype float32]
+                                  [--threads N] [--clock wall|cpu]
+
+--clock cpu times each call in process CPU time (with --threads 1 the machine's other jobs
+then cost nothing but cache), for comparisons of a few percent on a shared machine.
 """
 from __future__ import annotations
 
@@ -18,7 +24,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loraforge.core.config import LoraConfig
+from loraforge.core.layers import LoraLayer, LoraLinear
 from loraforge.core.ops import attach, merge, unmerge
+
+CLOCK = time.perf_counter
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
@@ -29,9 +38,9 @@ def timed(fn, iters: int) -> list[float]:
     fn()  # warm-up
     times = []
     for _ in range(iters):
-        began = time.perf_counter()
+        began = CLOCK()
         fn()
-        times.append(time.perf_counter() - began)
+        times.append(CLOCK() - began)
     return times
 
 
@@ -68,6 +77,17 @@ def decode(model, ids):
     return run
 
 
+def general_path(fn):
+    """fn with LoraLinear's short inference forward turned off (the general LoraLayer.forward)."""
+    def run():
+        short, LoraLinear.forward = LoraLinear.forward, LoraLayer.forward
+        try:
+            fn()
+        finally:
+            LoraLinear.forward = short
+    return run
+
+
 def interleaved(fns: dict, iters: int) -> dict[str, float]:
     """Median seconds per call, alternating the candidates each round."""
     times = {k: [] for k in fns}
@@ -86,7 +106,10 @@ def main():
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall time or process CPU time")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     from peft import LoraConfig as PeftConfig, get_peft_model
@@ -107,12 +130,15 @@ def main():
     ours.eval()
     base.eval()
     infer = interleaved({"base": forward(base, ids), "unmerged": forward(ours, ids)}, args.iters)
-    step = interleaved({"base": decode(base, ids), "unmerged": decode(ours, ids)}, args.iters * 20)
+    unmerged_step = decode(ours, ids)
+    step = interleaved({"base": decode(base, ids), "unmerged": unmerged_step, "general": general_path(unmerged_step)},
+                       args.iters * 20)
     merge(ours)
     merged = interleaved({"base": forward(base, ids), "merged": forward(ours, ids)}, args.iters)
     unmerge(ours)
     print(f"SmolLM2-135M shape, random weights, {args.dtype}, batch {args.batch} x {args.seq} tokens, "
-          f"LoRA r=8 all-linear, {torch.get_num_threads()} threads, median of {args.iters}\n")
+          f"LoRA r=8 all-linear, {torch.get_num_threads()} threads, {args.clock} clock, median of {args.iters} "
+          f"({args.iters * 20} for decode steps)\n")
     print("| measurement | seconds | ratio |")
     print("|---|---:|---:|")
     print(f"| train step, PEFT | {train['peft']:.3f} | 1.00 |")
@@ -121,6 +147,8 @@ def main():
     print(f"| inference, loraforge unmerged | {infer['unmerged']:.3f} | {infer['unmerged'] / infer['base']:.3f} |")
     print(f"| decode step (batch 1, {args.seq}-token cache), bare base | {step['base']:.4f} | 1.00 |")
     print(f"| decode step, loraforge unmerged | {step['unmerged']:.4f} | {step['unmerged'] / step['base']:.3f} |")
+    print(f"| decode step, unmerged through the general path | {step['general']:.4f} | "
+          f"{step['general'] / step['base']:.3f} |")
     print(f"| inference, bare base (again) | {merged['base']:.3f} | 1.00 |")
     print(f"| inference, loraforge merged | {merged['merged']:.3f} | {merged['merged'] / merged['base']:.3f} |")
 

@@ -1,6 +1,9 @@
 """The unmerged inference fast path (the B product added in place into the base output): the same
 floats as the plain path (the gradient-enabled forward, which allocates a new output), and only
-where nothing else reads the base output."""
+where nothing else reads the base output. With one plain adapter and no gradients, LoraLinear's
+own short forward (`_inference_forward`) does it without the general routing code; every other
+case (DoRA, live dropout, autocast to another dtype, two adapters, merged, disabled) takes the
+general path."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +11,8 @@ import torch
 from factory import randomize_adapters, tiny_arch, tiny_llama
 
 from loraforge.core.config import LoraConfig
-from loraforge.core.ops import attach, set_adapter
+from loraforge.core.layers import LoraLinear
+from loraforge.core.ops import attach, disabled, merge, set_adapter
 
 
 def adapted(name: str = "llama"):
@@ -59,3 +63,78 @@ def test_training_gradients_reach_every_A():
     model(torch.randint(3, 100, (1, 7))).logits.sum().backward()
     attn = model.model.layers[0].self_attn
     assert all(getattr(attn, p).lora_A["default"].weight.grad is not None for p in ("q_proj", "k_proj", "v_proj"))
+
+
+def general_calls(monkeypatch) -> list:
+    """Count LoraLinear.add_lora calls: the general path's increment (the short forward never calls it)."""
+    calls, real = [], LoraLinear.add_lora
+    monkeypatch.setattr(LoraLinear, "add_lora", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    return calls
+
+
+def test_one_plain_adapter_takes_the_short_forward_with_the_same_floats(monkeypatch):
+    model, ids = adapted(), torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(5))
+    want = plain_logits(model, ids)
+    calls = general_calls(monkeypatch)
+    with torch.no_grad():
+        got = model(ids).logits
+    assert calls == [] and torch.equal(got, want)
+    with torch.no_grad():  # batch 1, one token: the decode shape
+        model(ids[:1, :1])
+    assert calls == []
+
+
+@pytest.mark.parametrize("case", ["dora", "dropout in training mode", "autocast", "adapter not on every layer"])
+def test_other_cases_take_the_general_path(case, monkeypatch):
+    config = LoraConfig(r=4, target_modules="all-linear", use_dora=case == "dora",
+                        dropout=0.1 if case == "dropout in training mode" else 0.0)
+    if case == "adapter not on every layer":
+        config = LoraConfig(r=4, target_modules=["q_proj"])
+    model = randomize_adapters(attach(tiny_llama(), config))
+    if case == "dropout in training mode":
+        model.train()
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(6))
+    calls = general_calls(monkeypatch)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        got = model(ids).logits
+    if case == "adapter not on every layer":  # the layers without it return their base output
+        assert len(calls) == 0
+        with torch.no_grad(), disabled(model):
+            assert not torch.equal(got, model(ids).logits)
+        return
+    assert len(calls) > 0
+    if case != "dropout in training mode":  # (dropout draws random masks)
+        monkeypatch.undo()
+        with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+            assert torch.equal(got, model(ids).logits.detach())
+
+
+def test_merged_and_disabled_adapters_give_the_merged_and_base_outputs():
+    model, ids = adapted(), torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        with disabled(model):
+            base = model(ids).logits
+        unmerged = model(ids).logits
+        merge(model)
+        merged = model(ids).logits
+        with disabled(model):  # disabling a merged adapter unmerges it first
+            assert torch.allclose(model(ids).logits, base, atol=1e-5)
+        again = model(ids).logits
+    assert torch.allclose(merged, unmerged, atol=1e-5) and not torch.allclose(unmerged, base, atol=1e-3)
+    assert torch.allclose(again, unmerged, atol=1e-5)
+
+
+def test_short_forward_under_autocast_of_its_own_dtype_equals_the_general_path(monkeypatch):
+    """A bfloat16 model under bfloat16 autocast (how validation runs in training) keeps the short
+    forward; its floats are the general path's."""
+    from loraforge.core.layers import LoraLayer
+
+    model = adapted().to(torch.bfloat16)
+    ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(8))
+    calls = general_calls(monkeypatch)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        short = model(ids).logits
+        assert calls == []
+        monkeypatch.setattr(LoraLinear, "forward", LoraLayer.forward)
+        general = model(ids).logits
+    assert len(calls) > 0 and torch.equal(short, general)

@@ -112,6 +112,10 @@ class LoraLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.router is not None:  # a batched multi-adapter kernel (serving) handles routing
             return self.router(self, x, result)
+        return self._add_routes(x, result)
+
+    def _add_routes(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The base output plus the increment of each adapter this forward applies."""
         base, routes = result, self.routes()
         for name, rows in routes:  # each increment is computed against the base output
             if rows is None:
@@ -145,6 +149,11 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={self.r}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def _no_op(dropout: nn.Module) -> bool:
+    """Whether a LoRA dropout module passes its input through unchanged."""
+    return isinstance(dropout, nn.Identity) or (isinstance(dropout, nn.Dropout) and (not dropout.training or dropout.p == 0))
 
 
 def split_experts(A: torch.Tensor, B: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,6 +225,32 @@ class LoraLinear(LoraLayer):
 
     def base_shape(self) -> tuple[int, int]:
         return self.base_layer.in_features, self.base_layer.out_features
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if (self.router is None and self.row_adapters is None and not self.disabled and not self.merged_adapters
+                and len(self.active_adapters) == 1 and not torch.is_grad_enabled()):
+            out = self._inference_forward(x, args, kwargs)
+            if out is not None:
+                return out
+        return super().forward(x, *args, **kwargs)
+
+    def _inference_forward(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """One plain adapter, no gradients: `add_lora`'s in-place path (the same two ops, the same
+        floats) with its checks read straight from the module dicts; at batch 1 a LoRA layer's
+        Python bookkeeping costs as much as its two matmuls. None: take the general path."""
+        name, modules = self.active_adapters[0], self._modules
+        A_module = modules["lora_A"]._modules.get(name)
+        if A_module is None or name in modules["lora_magnitude_vector"] or not _no_op(modules["lora_dropout"][name]):
+            return None
+        result = modules["base_layer"](x, *args, **kwargs)
+        A, B = A_module.weight, modules["lora_B"]._modules[name].weight
+        if not (x.dtype == A.dtype == B.dtype == result.dtype and result.is_contiguous()):
+            return self._add_routes(x, result)
+        a = F.linear(x, A)  # (..., r)
+        if a.dtype != result.dtype:  # autocast chose another dtype
+            return self._add_routes(x, result)
+        result.view(-1, result.shape[-1]).addmm_(a.view(-1, a.shape[-1]), B.t(), alpha=self.scaling[name])
+        return result
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, init: str = "default",
                     use_rslora: bool = False, use_dora: bool = False):
