@@ -304,6 +304,24 @@ def test_batches_are_deterministic_per_seed_and_epoch():
         next(batches(rows, 0))
 
 
+def test_length_grouped_keeps_a_shorter_last_batch_last():
+    """65 rows in batches of 4: the last batch has one row. When that row is the epoch's longest,
+    moving its batch first would shift every later batch across the cuts of 4; it stays last, so
+    every cut of 4 holds one sorted batch, in every epoch."""
+    import random
+
+    gen = random.Random(1)
+    rows = [{"input_ids": [1] * n} for n in gen.sample(range(10, 400), 65)]  # distinct lengths
+    moved = 0
+    for epoch in range(300):
+        order = [len(r["input_ids"]) for r in length_grouped(rows, 4, seed=0, epoch=epoch)]
+        cuts = [order[i:i + 4] for i in range(0, 64, 4)]
+        assert all(cut == sorted(cut, reverse=True) for cut in cuts), epoch
+        moved += order[-1] == max(order)
+        assert max(cuts[0]) == max(map(max, cuts))  # the widest full batch first
+    assert moved > 0  # the case happened
+
+
 def test_length_grouped_batches_rows_of_similar_length_in_shuffled_order():
     import random
 

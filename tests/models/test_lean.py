@@ -198,3 +198,25 @@ def test_lean_survives_train_and_eval_of_a_loaded_model(tmp_path):
     for switch in (model.train, model.eval, model.train):
         switch()
         assert all(m.forward.__func__ is lean._lean_norm_forward for m in norms)
+
+
+def test_a_forward_without_backward_leaves_nothing_behind():
+    """A forward under autograd that never reaches backward (an error between the two, a caller
+    that forgot no_grad) frees its activations: the hook keeps no tensor that holds its own
+    graph node (a cycle through C++ that the garbage collector cannot break)."""
+    import gc
+
+    model = lora_model()
+    lean.make_lean(model)
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+
+    loss_and_grads(model)  # warm-up: every lazily made buffer exists
+    before = live_tensors()
+    for _ in range(3):
+        loss = answer_loss_sum(model, batch())
+        del loss
+    assert live_tensors() == before
+    loss_and_grads(model)  # and backward still works after

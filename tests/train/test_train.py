@@ -124,6 +124,29 @@ def test_kill_9_then_resume_gives_the_uninterrupted_adapter(reference, base, dat
     assert "raise --max-steps or --epochs" in one_line_error(capsys.readouterr().err)
 
 
+def test_resume_keeps_the_checkpoints_data_order(base, data, tmp_path, capsys):
+    """A checkpoint records whether its run grouped batches by length: resuming with the other
+    setting is a one-line error (the rest of the epoch would repeat rows and skip others); a
+    checkpoint from before the setting existed continues in shuffled order, with a note."""
+    import json
+
+    out = tmp_path / "run"
+    assert main(train_args(base, data["train"], out, "--max-steps", 4, "--save-every", 2)) == 0
+    latest = find_latest(out)
+    assert json.loads((latest / "state.json").read_text())["data_order"] == {"group_by_length": True}
+    capsys.readouterr()
+    assert main(train_args(base, data["train"], out, "--max-steps", 6, "--resume", "--no-group-by-length")) == 2
+    assert "grouped by length; resume without --no-group-by-length" in one_line_error(capsys.readouterr().err)
+
+    meta = json.loads((latest / "state.json").read_text())
+    del meta["data_order"]  # as written before the setting was kept
+    (latest / "state.json").write_text(json.dumps(meta))
+    cfg = T.resume_data_order(resolve(None, data=str(data["train"])), [{"input_ids": [1]}], latest)
+    assert cfg.group_by_length is False
+    assert main(train_args(base, data["train"], out, "--max-steps", 6, "--resume")) == 0
+    assert "predates length-grouped batches" in capsys.readouterr().err
+
+
 def test_two_processes_match_one(base, data, tmp_path):
     """--nproc 2 (torchrun, gloo) takes the same steps as one process with the same global batch."""
     args = ["--max-steps", 4, "--batch-size", 4]

@@ -314,7 +314,9 @@ def length_grouped(rows: list[dict], batch_size: int, seed: int = 0, epoch: int 
     batches sorted by length, cut into batches of batch_size and those batches shuffled (the
     last, shorter one stays last): each batch holds rows of similar length, so collate pads
     little. The batch with the epoch's longest row goes first, so the largest activations are
-    allocated before smaller ones fragment the heap (and an out-of-memory shows at once).
+    allocated before smaller ones fragment the heap (and an out-of-memory shows at once); a
+    shorter last batch stays last even when it holds that row (moved first, it would shift every
+    later batch's rows across the cuts of batch_size).
     transformers' ``group_by_length`` does both, with mega-batches of 50. A pure function of
     (seed, epoch), so a resumed run sees the same order."""
     order = shuffled(rows, seed, epoch)
@@ -325,8 +327,9 @@ def length_grouped(rows: list[dict], batch_size: int, seed: int = 0, epoch: int 
         grouped += rng.sample([part[i:i + batch_size] for i in range(0, cut, batch_size)], cut // batch_size)
         if cut < len(part):
             grouped.append(part[cut:])
-    if grouped:
-        widest = max(range(len(grouped)), key=lambda i: max(map(_tokens_in, grouped[i])))
+    full = [i for i, batch in enumerate(grouped) if len(batch) == batch_size]
+    if full:
+        widest = max(full, key=lambda i: max(map(_tokens_in, grouped[i])))
         grouped[0], grouped[widest] = grouped[widest], grouped[0]
     return [row for batch in grouped for row in batch]
 

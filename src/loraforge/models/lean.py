@@ -109,9 +109,12 @@ def _remember(out: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
 
 
 def _pack(saved: torch.Tensor):
+    """A recipe for a remembered output; any other saved tensor detached: kept as is, an op's own
+    output would hold its graph node, which holds it (a cycle through C++ that the garbage
+    collector cannot free, so a forward never followed by backward would leak its activations)."""
     hit = _RECIPES[-1].get(saved.untyped_storage().data_ptr()) if _RECIPES else None
     if hit is None or hit[0].untyped_storage().nbytes() != saved.untyped_storage().nbytes():
-        return saved
+        return saved.detach()
     return _Replay(hit[1], (saved.shape, saved.stride(), saved.storage_offset()))
 
 

@@ -41,8 +41,10 @@ def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, data_stream: dict | None = None) -> Path:
-    """`data_stream`: a streaming run's reader position (data.stream.RowStream.state), kept in state.json."""
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, data_stream: dict | None = None,
+                    data_order: dict | None = None) -> Path:
+    """`data_stream`: a streaming run's reader position (data.stream.RowStream.state); `data_order`:
+    the settings an in-memory run's row order depends on beyond its seed; both kept in state.json."""
     root = Path(out) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
@@ -55,6 +57,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, data_stre
     meta = {"step": step, "optimizer": opt_json, "scheduler": scheduler.state_dict(), **rng_json}
     if data_stream is not None:
         meta["data_stream"] = data_stream
+    if data_order is not None:
+        meta["data_order"] = data_order
     atomic_write_bytes(tmp / "state.json", json.dumps(meta).encode())
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -108,10 +112,22 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
 
 def data_stream_state(path: Path) -> dict | None:
     """The data stream position a streaming run saved in checkpoint `path` (None: an in-memory run's)."""
+    return checkpoint_meta(path).get("data_stream")
+
+
+def data_order_state(path: Path) -> dict | None:
+    """The data order settings checkpoint `path` was written with (None: written before they were kept)."""
+    return checkpoint_meta(path).get("data_order")
+
+
+def checkpoint_meta(path: Path) -> dict:
     try:
-        return json.loads((Path(path) / "state.json").read_text()).get("data_stream")
+        meta = json.loads((Path(path) / "state.json").read_text())
     except (OSError, ValueError) as err:
         raise LoraError(f"checkpoint {path} is unreadable ({one_line(err)}); delete it to start over") from None
+    if not isinstance(meta, dict):
+        raise LoraError(f"checkpoint {path} is unreadable (state.json is not an object); delete it to start over")
+    return meta
 
 
 def _optimizer_state(meta: dict, tensors: dict) -> dict:

@@ -21,7 +21,7 @@ import torch
 from loraforge import LoraError
 from loraforge import data as D
 from loraforge.train import distributed as dist
-from loraforge.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from loraforge.train.checkpoint import data_order_state, find_latest, load_checkpoint, save_checkpoint
 from loraforge.core.config import LoraConfig, parse_targets
 from loraforge.eval.score import answer_loss_sum, rows_loss
 from loraforge.core.io import atomic_write_bytes, save_adapter
@@ -96,6 +96,33 @@ def resume_stream(rows, latest: Path):
                         f"resume with --streaming {'on' if state else 'off'}")
     if state is not None:
         rows.restore(state)
+
+
+def data_order(cfg: TrainConfig, rows) -> dict | None:
+    """What an in-memory run's row order depends on beyond (seed, batch size): kept in each
+    checkpoint, so that --resume continues the same order (None for a stream: it keeps its own)."""
+    return None if hasattr(rows, "step_batches") else {"group_by_length": cfg.group_by_length}
+
+
+def resume_data_order(cfg: TrainConfig, rows, latest: Path | None) -> TrainConfig:
+    """On --resume, the order the checkpoint's run used: a checkpoint from before batches were
+    grouped by length continues in plain shuffled order (with a note); a different
+    --group-by-length setting is refused, since the rest of the epoch would repeat some rows and
+    skip others."""
+    if latest is None or data_order(cfg, rows) is None:
+        return cfg
+    saved = data_order_state(latest)
+    grouped = saved.get("group_by_length") if isinstance(saved, dict) else None
+    if grouped is None:
+        if cfg.group_by_length:
+            logger.info(f"note: checkpoint {latest} predates length-grouped batches; "
+                        f"this run continues its shuffled order (as --no-group-by-length)")
+        return dataclasses.replace(cfg, group_by_length=False)
+    if grouped != cfg.group_by_length:
+        flag = "without --no-group-by-length" if grouped else "with --no-group-by-length"
+        raise LoraError(f"checkpoint {latest} was written with batches {'' if grouped else 'not '}grouped by "
+                        f"length; resume {flag}, or start over without --resume")
+    return cfg
 
 
 def stream_position(rows) -> dict | None:
@@ -444,6 +471,7 @@ def setup(cfg: TrainConfig) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
     if cfg.resume:  # a stream continues at its saved position (refused first if the run kinds differ)
         resume_stream(prepared.train_rows, find_latest(out))
+        cfg = resume_data_order(cfg, prepared.train_rows, find_latest(out))
     start = resume_state(cfg, out, model, optimizer, scheduler, total)
     log = MetricsLog(out, enabled=dist.is_main(), append=start > 0, reporters=open_dashboards(cfg, out))
     log.truncate(start)
@@ -521,7 +549,8 @@ def run_steps(run: Run) -> dict:
         watch_validation(run, done, record)
         if cfg.save_every and done % cfg.save_every == 0 and done < run.total and dist.is_main():
             save_checkpoint(run.out, done, run.model, run.optimizer, run.scheduler,
-                            data_stream=stream_position(run.data.train_rows))
+                            data_stream=stream_position(run.data.train_rows),
+                            data_order=data_order(run.cfg, run.data.train_rows))
             early_stop.prune_best(run.out, done)
     bar.close()
     last = record or next((r for r in reversed(run.log.records) if "loss" in r), {})  # resumed after the stop
