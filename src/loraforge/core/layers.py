@@ -240,7 +240,8 @@ class LoraLinear(LoraLayer):
         Python bookkeeping costs as much as its two matmuls. None: take the general path."""
         name, modules = self.active_adapters[0], self._modules
         A_module = modules["lora_A"]._modules.get(name)
-        if A_module is None or name in modules["lora_magnitude_vector"] or not _no_op(modules["lora_dropout"][name]):
+        if (A_module is None or name in modules["lora_magnitude_vector"]
+                or not _no_op(modules["lora_dropout"]._modules[name])):
             return None
         result = modules["base_layer"](x, *args, **kwargs)
         A, B = A_module.weight, modules["lora_B"]._modules[name].weight

@@ -469,10 +469,12 @@ def setup(cfg: TrainConfig) -> Run:
     total = total_steps(cfg, len(prepared.train_rows))
     warmup = int(cfg.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
-    if cfg.resume:  # a stream continues at its saved position (refused first if the run kinds differ)
-        resume_stream(prepared.train_rows, find_latest(out))
-        cfg = resume_data_order(cfg, prepared.train_rows, find_latest(out))
-    start = resume_state(cfg, out, model, optimizer, scheduler, total)
+    latest = find_latest(out) if cfg.resume else None
+    if cfg.resume and latest is None and dist.is_main():
+        logger.info(f"--resume: no checkpoint in {out}; starting from step 0")
+    resume_stream(prepared.train_rows, latest)  # a stream continues at its saved position (refused if the run kinds differ)
+    cfg = resume_data_order(cfg, prepared.train_rows, latest)
+    start = resume_state(latest, model, optimizer, scheduler, total)
     log = MetricsLog(out, enabled=dist.is_main(), append=start > 0, reporters=open_dashboards(cfg, out))
     log.truncate(start)
     early = early_stopping(cfg, prepared, out, start)
@@ -498,11 +500,8 @@ def drop_stale_checkpoints(out: Path):
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def resume_state(cfg, out, model, optimizer, scheduler, total: int) -> int:
-    """The step to start from: 0, or the last checkpoint's when --resume finds one."""
-    latest = find_latest(out) if cfg.resume else None
-    if cfg.resume and latest is None and dist.is_main():
-        logger.info(f"--resume: no checkpoint in {out}; starting from step 0")
+def resume_state(latest: Path | None, model, optimizer, scheduler, total: int) -> int:
+    """The step to start from: 0, or checkpoint `latest`'s (the one --resume found)."""
     if latest is None:
         return 0
     step = load_checkpoint(latest, model, optimizer, scheduler)
