@@ -326,3 +326,17 @@ def test_step_tokens_count_the_examples_not_the_padding():
     assert stats["tokens"] == D.count_tokens(rows) == 32
     narrow = T.sft_backward(model, [rows], dataclasses.replace(ctx, pad_multiple=1))  # (2, 20)
     assert narrow["tokens"] == 32 and narrow["loss"] == pytest.approx(stats["loss"], rel=1e-5)  # padding is masked
+
+
+def test_a_checkpoints_bad_data_order_record_is_read_safely(data, tmp_path):
+    """state.json that is not an object is a one-line error; a data_order record of the wrong
+    shape counts as none (the run continues in shuffled order), never a traceback."""
+    import json
+
+    cfg, rows = resolve(None, data=str(data["train"])), [{"input_ids": [1]}]
+    (tmp_path / "state.json").write_text(json.dumps(["not", "an", "object"]))
+    with pytest.raises(LoraError, match="state.json is not an object"):
+        T.resume_data_order(cfg, rows, tmp_path)
+    for bad in ("grouped", 3, None, {"group_by_length": None}):
+        (tmp_path / "state.json").write_text(json.dumps({"step": 2, "data_order": bad}))
+        assert T.resume_data_order(cfg, rows, tmp_path).group_by_length is False
