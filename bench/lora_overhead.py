@@ -5,7 +5,9 @@
 2. Inference forward at batch 4 x 256 tokens: bare base model, loraforge with the adapter
    unmerged, and merged (which must equal the base model's cost: it is the base model's layers).
 3. One decode step at batch 1: bare base, unmerged through LoraLinear's short inference forward,
-   and unmerged through the general routing path (what every unmerged forward took before).
+   unmerged through the general routing path (what every unmerged forward took before), and the
+   floor of any unmerged forward that keeps the two LoRA products: the base matmul, A x and the
+   in-place addmm of B, with no check or dispatch around them.
 
     python bench/lora_overhead.py [--iters 6] [--batch 4] [--seq 256] [--dtype float32]
                                   [--threads N] [--clock wall|cpu]
@@ -88,6 +90,28 @@ def general_path(fn):
     return run
 
 
+def two_kernel_floor(fn):
+    """fn with every LoraLinear reduced to its three kernels (one plain adapter assumed): what an
+    unmerged adapter costs with zero Python bookkeeping."""
+    import torch.nn.functional as F
+
+    def bare(self, x):
+        name, modules = self.active_adapters[0], self._modules
+        result = F.linear(x, modules["base_layer"].weight)
+        a = F.linear(x, modules["lora_A"][name].weight)
+        result.view(-1, result.shape[-1]).addmm_(a.view(-1, a.shape[-1]), modules["lora_B"][name].weight.t(),
+                                                 alpha=self.scaling[name])
+        return result
+
+    def run():
+        short, LoraLinear.forward = LoraLinear.forward, bare
+        try:
+            fn()
+        finally:
+            LoraLinear.forward = short
+    return run
+
+
 def interleaved(fns: dict, iters: int) -> dict[str, float]:
     """Median seconds per call, alternating the candidates each round."""
     times = {k: [] for k in fns}
@@ -130,8 +154,13 @@ def main():
     ours.eval()
     base.eval()
     infer = interleaved({"base": forward(base, ids), "unmerged": forward(ours, ids)}, args.iters)
+    floor_out = []
+    two_kernel_floor(lambda: floor_out.append(ours(input_ids=ids[:1, :8]).logits))()
+    with torch.no_grad():
+        assert torch.equal(floor_out[0].detach(), ours(input_ids=ids[:1, :8]).logits), "the floor computes another output"
     unmerged_step = decode(ours, ids)
-    step = interleaved({"base": decode(base, ids), "unmerged": unmerged_step, "general": general_path(unmerged_step)},
+    step = interleaved({"base": decode(base, ids), "unmerged": unmerged_step, "general": general_path(unmerged_step),
+                        "floor": two_kernel_floor(unmerged_step)},
                        args.iters * 20)
     merge(ours)
     merged = interleaved({"base": forward(base, ids), "merged": forward(ours, ids)}, args.iters)
@@ -149,6 +178,7 @@ def main():
     print(f"| decode step, loraforge unmerged | {step['unmerged']:.4f} | {step['unmerged'] / step['base']:.3f} |")
     print(f"| decode step, unmerged through the general path | {step['general']:.4f} | "
           f"{step['general'] / step['base']:.3f} |")
+    print(f"| decode step, floor: the three kernels alone | {step['floor']:.4f} | {step['floor'] / step['base']:.3f} |")
     print(f"| inference, bare base (again) | {merged['base']:.3f} | 1.00 |")
     print(f"| inference, loraforge merged | {merged['merged']:.3f} | {merged['merged'] / merged['base']:.3f} |")
 

@@ -138,3 +138,41 @@ def test_short_forward_under_autocast_of_its_own_dtype_equals_the_general_path(m
         monkeypatch.setattr(LoraLinear, "forward", LoraLayer.forward)
         general = model(ids).logits
     assert len(calls) > 0 and torch.equal(short, general)
+
+
+@pytest.mark.parametrize("hook", ["none", "forward hook on the base layer", "global forward hook", "patched forward"])
+def test_short_forward_calls_a_bare_linear_directly_and_honours_hooks(hook, monkeypatch):
+    """A bare nn.Linear base is computed as F.linear (the same floats as its module call); a base
+    layer with a hook or a patched forward (accelerate's offload does that) is still called."""
+    model, ids = adapted(), torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(9))
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        before = model(ids).logits
+    seen = []
+
+    def scale(module, args, output):
+        seen.append(1)
+        return output * 2
+
+    handles = []
+    if hook == "forward hook on the base layer":
+        handles.append(layer.base_layer.register_forward_hook(scale))
+    elif hook == "global forward hook":
+        handles.append(torch.nn.modules.module.register_module_forward_hook(
+            lambda m, a, o: scale(m, a, o) if m is layer.base_layer else None))
+    elif hook == "patched forward":
+        real = layer.base_layer.forward
+        layer.base_layer.forward = lambda x: scale(None, None, real(x))
+    calls = general_calls(monkeypatch)
+    try:
+        with torch.no_grad():
+            got = model(ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+        layer.base_layer.__dict__.pop("forward", None)
+    assert calls == []
+    if hook == "none":
+        assert torch.equal(got, before) and torch.equal(got, plain_logits(model, ids))
+    else:
+        assert seen == [1] and not torch.allclose(got, before, atol=1e-3)

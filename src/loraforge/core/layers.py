@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from loraforge import LoraError
 from loraforge.core.config import lora_scaling
@@ -156,6 +157,17 @@ def _no_op(dropout: nn.Module) -> bool:
     return isinstance(dropout, nn.Identity) or (isinstance(dropout, nn.Dropout) and (not dropout.training or dropout.p == 0))
 
 
+_global_hooks = getattr(_nn_module, "_has_any_global_hook", lambda: True)  # unknown torch: assume hooks
+
+
+def _plain_linear(layer: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether calling `layer` on one tensor is exactly F.linear with its weight and bias: a bare
+    nn.Linear (no subclass, no hooks, no patched forward), so the module call can be skipped."""
+    return (type(layer) is nn.Linear and not args and not kwargs and "forward" not in layer.__dict__
+            and not (layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
+                     or layer._backward_pre_hooks or _global_hooks()))
+
+
 def split_experts(A: torch.Tensor, B: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's flat factors of a 3-D parameter, A (r*E, in) and B (out, r*E), as per-expert
     A (E, r, in) and B (E, out, r) (PEFT's ParamWrapper layout: expert-major A, rank-major B)."""
@@ -236,15 +248,20 @@ class LoraLinear(LoraLayer):
 
     def _inference_forward(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
         """One plain adapter, no gradients: `add_lora`'s in-place path (the same two ops, the same
-        floats) with its checks read straight from the module dicts; at batch 1 a LoRA layer's
-        Python bookkeeping costs as much as its two matmuls. None: take the general path."""
+        floats) with its checks read straight from the module dicts, and a bare nn.Linear base
+        called as F.linear; at batch 1 a LoRA layer's Python bookkeeping costs as much as its two
+        matmuls. None: take the general path."""
         name, modules = self.active_adapters[0], self._modules
         A_module = modules["lora_A"]._modules.get(name)
         if (A_module is None or name in modules["lora_magnitude_vector"]
                 or not _no_op(modules["lora_dropout"]._modules[name])):
             return None
-        result = modules["base_layer"](x, *args, **kwargs)
-        A, B = A_module.weight, modules["lora_B"]._modules[name].weight
+        base = modules["base_layer"]
+        if _plain_linear(base, args, kwargs):
+            result = F.linear(x, base._parameters["weight"], base._parameters["bias"])
+        else:
+            result = base(x, *args, **kwargs)
+        A, B = A_module._parameters["weight"], modules["lora_B"]._modules[name]._parameters["weight"]
         if not (x.dtype == A.dtype == B.dtype == result.dtype and result.is_contiguous()):
             return self._add_routes(x, result)
         a = F.linear(x, A)  # (..., r)
