@@ -3,7 +3,8 @@
 1. Training step (forward + backward, the model's own loss) with LoRA r=8 on all linear layers:
    loraforge against PEFT on the same inputs, interleaved so that machine noise hits both alike.
 2. Inference forward at batch 4 x 256 tokens: bare base model, loraforge with the adapter
-   unmerged, and merged (which must equal the base model's cost: it is the base model's layers).
+   unmerged, its floor (below), and merged (which must equal the base model's cost: it is the
+   base model's layers).
 3. One decode step at batch 1: bare base, unmerged through LoraLinear's short inference forward,
    unmerged through the general routing path (what every unmerged forward took before), and the
    floor of any unmerged forward that keeps the two LoRA products: the base matmul, A x and the
@@ -97,7 +98,7 @@ def two_kernel_floor(fn):
 
     def bare(self, x):
         name, modules = self.active_adapters[0], self._modules
-        result = F.linear(x, modules["base_layer"].weight)
+        result = F.linear(x, modules["base_layer"].weight, modules["base_layer"].bias)
         a = F.linear(x, modules["lora_A"][name].weight)
         result.view(-1, result.shape[-1]).addmm_(a.view(-1, a.shape[-1]), modules["lora_B"][name].weight.t(),
                                                  alpha=self.scaling[name])
@@ -153,11 +154,12 @@ def main():
     train = interleaved({"loraforge": train_step(ours, ids), "peft": train_step(peft, ids)}, args.iters)
     ours.eval()
     base.eval()
-    infer = interleaved({"base": forward(base, ids), "unmerged": forward(ours, ids)}, args.iters)
     floor_out = []
     two_kernel_floor(lambda: floor_out.append(ours(input_ids=ids[:1, :8]).logits))()
     with torch.no_grad():
         assert torch.equal(floor_out[0].detach(), ours(input_ids=ids[:1, :8]).logits), "the floor computes another output"
+    infer = interleaved({"base": forward(base, ids), "unmerged": forward(ours, ids),
+                         "floor": two_kernel_floor(forward(ours, ids))}, args.iters)
     unmerged_step = decode(ours, ids)
     step = interleaved({"base": decode(base, ids), "unmerged": unmerged_step, "general": general_path(unmerged_step),
                         "floor": two_kernel_floor(unmerged_step)},
@@ -174,6 +176,7 @@ def main():
     print(f"| train step, loraforge | {train['loraforge']:.3f} | {train['loraforge'] / train['peft']:.3f} |")
     print(f"| inference, bare base | {infer['base']:.3f} | 1.00 |")
     print(f"| inference, loraforge unmerged | {infer['unmerged']:.3f} | {infer['unmerged'] / infer['base']:.3f} |")
+    print(f"| inference, floor: the three kernels alone | {infer['floor']:.3f} | {infer['floor'] / infer['base']:.3f} |")
     print(f"| decode step (batch 1, {args.seq}-token cache), bare base | {step['base']:.4f} | 1.00 |")
     print(f"| decode step, loraforge unmerged | {step['unmerged']:.4f} | {step['unmerged'] / step['base']:.3f} |")
     print(f"| decode step, unmerged through the general path | {step['general']:.4f} | "
