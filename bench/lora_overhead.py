@@ -80,15 +80,20 @@ def decode(model, ids):
     return run
 
 
-def general_path(fn):
-    """fn with LoraLinear's short inference forward turned off (the general LoraLayer.forward)."""
+def with_forward(fn, forward):
+    """fn run with LoraLinear.forward replaced by `forward` (and put back after)."""
     def run():
-        short, LoraLinear.forward = LoraLinear.forward, LoraLayer.forward
+        short, LoraLinear.forward = LoraLinear.forward, forward
         try:
-            fn()
+            return fn()
         finally:
             LoraLinear.forward = short
     return run
+
+
+def general_path(fn):
+    """fn with LoraLinear's short inference forward turned off (the general LoraLayer.forward)."""
+    return with_forward(fn, LoraLayer.forward)
 
 
 def two_kernel_floor(fn):
@@ -103,14 +108,7 @@ def two_kernel_floor(fn):
         result.view(-1, result.shape[-1]).addmm_(a.view(-1, a.shape[-1]), modules["lora_B"][name].weight.t(),
                                                  alpha=self.scaling[name])
         return result
-
-    def run():
-        short, LoraLinear.forward = LoraLinear.forward, bare
-        try:
-            fn()
-        finally:
-            LoraLinear.forward = short
-    return run
+    return with_forward(fn, bare)
 
 
 def interleaved(fns: dict, iters: int) -> dict[str, float]:
@@ -154,10 +152,10 @@ def main():
     train = interleaved({"loraforge": train_step(ours, ids), "peft": train_step(peft, ids)}, args.iters)
     ours.eval()
     base.eval()
-    floor_out = []
-    two_kernel_floor(lambda: floor_out.append(ours(input_ids=ids[:1, :8]).logits))()
     with torch.no_grad():
-        assert torch.equal(floor_out[0].detach(), ours(input_ids=ids[:1, :8]).logits), "the floor computes another output"
+        def probe():
+            return ours(input_ids=ids[:1, :8]).logits
+        assert torch.equal(two_kernel_floor(probe)(), probe()), "the floor computes another output"
     infer = interleaved({"base": forward(base, ids), "unmerged": forward(ours, ids),
                          "floor": two_kernel_floor(forward(ours, ids))}, args.iters)
     unmerged_step = decode(ours, ids)

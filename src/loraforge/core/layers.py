@@ -160,12 +160,14 @@ def _no_op(dropout: nn.Module) -> bool:
 _global_hooks = getattr(_nn_module, "_has_any_global_hook", lambda: True)  # unknown torch: assume hooks
 
 
-def _plain_linear(layer: nn.Module, args: tuple, kwargs: dict) -> bool:
-    """Whether calling `layer` on one tensor is exactly F.linear with its weight and bias: a bare
-    nn.Linear (no subclass, no hooks, no patched forward), so the module call can be skipped."""
-    return (type(layer) is nn.Linear and not args and not kwargs and "forward" not in layer.__dict__
+def _call_base(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """layer(x, *args, **kwargs); a bare nn.Linear (no subclass, no hooks, no patched forward) is
+    computed as the F.linear its module call would run, without the call's dispatch."""
+    if (type(layer) is nn.Linear and not args and not kwargs and "forward" not in layer.__dict__
             and not (layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
-                     or layer._backward_pre_hooks or _global_hooks()))
+                     or layer._backward_pre_hooks or _global_hooks())):
+        return F.linear(x, layer._parameters["weight"], layer._parameters["bias"])
+    return layer(x, *args, **kwargs)
 
 
 def split_experts(A: torch.Tensor, B: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,11 +258,7 @@ class LoraLinear(LoraLayer):
         if (A_module is None or name in modules["lora_magnitude_vector"]
                 or not _no_op(modules["lora_dropout"]._modules[name])):
             return None
-        base = modules["base_layer"]
-        if _plain_linear(base, args, kwargs):
-            result = F.linear(x, base._parameters["weight"], base._parameters["bias"])
-        else:
-            result = base(x, *args, **kwargs)
+        result = _call_base(modules["base_layer"], x, args, kwargs)
         A, B = A_module._parameters["weight"], modules["lora_B"]._modules[name]._parameters["weight"]
         if not (x.dtype == A.dtype == B.dtype == result.dtype and result.is_contiguous()):
             return self._add_routes(x, result)
