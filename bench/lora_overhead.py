@@ -8,7 +8,9 @@
 3. One decode step at batch 1: bare base, unmerged through LoraLinear's short inference forward,
    unmerged through the general routing path (what every unmerged forward took before), and the
    floor of any unmerged forward that keeps the two LoRA products: the base matmul, A x and the
-   in-place addmm of B, with no check or dispatch around them.
+   in-place addmm of B, with no check or dispatch around them; then that floor split, kernel by
+   kernel (the base matmul alone through the LoRA layer, then with x A^T added), to show what each
+   of the two small kernels costs.
 
     python bench/lora_overhead.py [--iters 6] [--batch 4] [--seq 256] [--dtype float32]
                                   [--threads N] [--clock wall|cpu]
@@ -96,15 +98,20 @@ def general_path(fn):
     return with_forward(fn, LoraLayer.forward)
 
 
-def two_kernel_floor(fn):
+def two_kernel_floor(fn, kernels: int = 3):
     """fn with every LoraLinear reduced to its three kernels (one plain adapter assumed): what an
-    unmerged adapter costs with zero Python bookkeeping."""
+    unmerged adapter costs with zero Python bookkeeping. kernels=1 keeps only the base matmul and
+    kernels=2 adds x A^T without B (wrong outputs: they only split the floor's cost)."""
     import torch.nn.functional as F
 
     def bare(self, x):
         name, modules = self.active_adapters[0], self._modules
         result = F.linear(x, modules["base_layer"].weight, modules["base_layer"].bias)
+        if kernels == 1:
+            return result
         a = F.linear(x, modules["lora_A"][name].weight)
+        if kernels == 2:
+            return result
         result.view(-1, result.shape[-1]).addmm_(a.view(-1, a.shape[-1]), modules["lora_B"][name].weight.t(),
                                                  alpha=self.scaling[name])
         return result
@@ -160,7 +167,8 @@ def main():
                          "floor": two_kernel_floor(forward(ours, ids))}, args.iters)
     unmerged_step = decode(ours, ids)
     step = interleaved({"base": decode(base, ids), "unmerged": unmerged_step, "general": general_path(unmerged_step),
-                        "floor": two_kernel_floor(unmerged_step)},
+                        "floor": two_kernel_floor(unmerged_step), "base_kernel": two_kernel_floor(unmerged_step, 1),
+                        "a_kernel": two_kernel_floor(unmerged_step, 2)},
                        args.iters * 20)
     merge(ours)
     merged = interleaved({"base": forward(base, ids), "merged": forward(ours, ids)}, args.iters)
@@ -180,6 +188,10 @@ def main():
     print(f"| decode step, unmerged through the general path | {step['general']:.4f} | "
           f"{step['general'] / step['base']:.3f} |")
     print(f"| decode step, floor: the three kernels alone | {step['floor']:.4f} | {step['floor'] / step['base']:.3f} |")
+    print(f"| decode step, floor split: the base matmul only | {step['base_kernel']:.4f} | "
+          f"{step['base_kernel'] / step['base']:.3f} |")
+    print(f"| decode step, floor split: base matmul and x A^T (no B) | {step['a_kernel']:.4f} | "
+          f"{step['a_kernel'] / step['base']:.3f} |")
     print(f"| inference, bare base (again) | {merged['base']:.3f} | 1.00 |")
     print(f"| inference, loraforge merged | {merged['merged']:.3f} | {merged['merged'] / merged['base']:.3f} |")
 

@@ -374,6 +374,7 @@ def test_refusal_in_a_real_process(bases, tmp_path):
 def test_embedded_model_note_says_q4_1_and_names_the_base_export():
     note = embedded_note("smollm2-135m-instruct")
     assert "Q4_1" in note and "dequantized" in note and "loraforge export --model smollm2-135m-instruct" in note
+    assert not note.startswith("note:")  # the commands that print notes add the prefix once
     assert embedded_note("some/other-model") is None
 
 

@@ -20,27 +20,32 @@ STEPS = 30
 
 
 def expected_stop(records: list[dict], patience: int, min_delta: float) -> tuple[int | None, int]:
-    """An independent reading of the rule: (the step it stops at or None, the best step)."""
-    best, best_step, bad = math.inf, 0, 0
-    for r in records:
-        if r.get("val_loss") is None:
-            continue
-        if r["val_loss"] < best - min_delta:
-            best, best_step, bad = r["val_loss"], r["step"], 0
-        else:
-            bad += 1
-            if bad >= patience:
-                return r["step"], best_step
-    return None, best_step
+    """An independent reading of the rule: (the step it stops at or None, the lowest loss's step)."""
+    losses = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    reference, bad, stop = math.inf, 0, None
+    for step, loss in losses:
+        bad = 0 if loss < reference - min_delta else bad + 1
+        reference = loss if bad == 0 else reference
+        if bad >= patience:
+            stop = step
+            break
+    seen = [(loss, step) for step, loss in losses if stop is None or step <= stop]
+    return stop, min(seen)[1]
 
 
 def test_the_rule():
     early = EarlyStopping(patience=2, min_delta=0.1)
-    assert [early.update(s, v) for s, v in [(1, 3.0), (2, 2.95), (3, 2.5), (4, 2.45)]] == [True, False, True, False]
-    assert (early.best_step, early.bad, early.should_stop) == (3, 1, False)
+    # 2.95 is no improvement (not 0.1 below 3.0) but the lowest loss yet: its adapter is the one kept
+    assert [early.update(s, v) for s, v in [(1, 3.0), (2, 2.95), (3, 2.5), (4, 2.45)]] == [True, True, True, True]
+    assert (early.best_step, early.reference, early.bad, early.should_stop) == (4, 2.5, 1, False)
     early.update(5, float("nan"))  # not an evaluation
-    early.update(6, 2.41)
-    assert early.should_stop and early.best == 2.5
+    assert not early.update(6, 2.47)  # neither an improvement nor the lowest
+    assert early.should_stop and (early.best, early.best_step) == (2.45, 4)
+    # small steps add up: 2.0 -> 1.95 -> 1.89 improves on the reference 2.0 by more than 0.1
+    slow = EarlyStopping(patience=2, min_delta=0.1)
+    for step, loss in [(1, 2.0), (2, 1.95), (3, 1.89), (4, 1.85)]:
+        slow.update(step, loss)
+    assert (slow.reference, slow.bad, slow.best_step, slow.should_stop) == (1.89, 1, 4, False)
     replayed = EarlyStopping(2, 0.1).replay([{"step": s, "val_loss": v} for s, v in [(1, 3.0), (2, 2.95), (3, 2.5)]]
                                             + [{"step": 4, "loss": 1.0}])
     assert (replayed.best_step, replayed.bad) == (3, 0)
@@ -96,7 +101,8 @@ def test_resuming_a_finished_early_stopped_run_gives_the_same_adapter(base, data
     first = adapter_tensors(out)
     again = run_cli(*args, "--resume")
     assert again.returncode == 0, again.stderr
-    assert "kept step 2's adapter" in again.stdout
+    kept = expected_stop(metrics(out), patience=1, min_delta=100)[1]
+    assert f"kept step {kept}'s adapter" in again.stdout
     second = adapter_tensors(out)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
@@ -106,9 +112,25 @@ def test_cli_run_notes_the_stop(base, data, tmp_path):
     done = run_cli("train", "--model", base, "--data", data["train"], "--out", out, "--max-steps", STEPS, *EARLY,
                    "--eval-every", 1, "--patience", 1, "--min-delta", 100)  # nothing improves by 100 nats
     assert done.returncode == 0, done.stderr
-    assert [r["step"] for r in metrics(out)] == [1, 2]
-    assert "early stopping at step 2" in done.stderr and "keeping the adapter of step 1" in done.stderr
-    assert "(2 steps, final loss" in done.stdout and "kept step 1's adapter" in done.stdout
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    kept = expected_stop(records, patience=1, min_delta=100)[1]  # the lower of the two losses
+    assert "early stopping at step 2" in done.stderr and f"keeping the adapter of step {kept}, the lowest" in done.stderr
+    assert "(2 steps, final loss" in done.stdout and f"kept step {kept}'s adapter" in done.stdout
+
+
+def test_patience_running_out_at_the_last_step_is_no_early_stop(base, data, tmp_path):
+    """At the run's last step the patience may run out too; the run ended, nothing stopped it."""
+    out = tmp_path / "run"
+    cfg = resolve(None, model=str(base), data=str(data["train"]), out=str(out), max_steps=2, precision="fp32",
+                  batch_size=2, progress=False, eval_every=1, patience=1, min_delta=100)
+    summary = T.train(cfg)
+    assert summary["steps"] == 2 and not summary["stopped_early"]
+    assert summary["best_step"] == expected_stop(metrics(out), patience=1, min_delta=100)[1]
+    done = run_cli("train", "--model", base, "--data", data["train"], "--out", tmp_path / "cli", "--max-steps", 2,
+                   *EARLY, "--eval-every", 1, "--patience", 1, "--min-delta", 100)
+    assert done.returncode == 0, done.stderr
+    assert "early stopping" not in done.stderr and "(2 steps, final loss" in done.stdout
 
 
 def test_kill_and_resume_equal_an_uninterrupted_run(base, data, tmp_path):

@@ -518,7 +518,7 @@ def embedded_note(model: str) -> str | None:
 
     if str(model).strip().lower() != DEFAULT_MODEL:
         return None
-    return (f"note: the embedded {DEFAULT_MODEL} ships as {EMBEDDED_GGUF} (Q4_1), but loraforge trains on its "
+    return (f"the embedded {DEFAULT_MODEL} ships as {EMBEDDED_GGUF} (Q4_1), but loraforge trains on its "
             f"dequantized float weights: pair adapters with a base exported by `loraforge export --model "
             f"{DEFAULT_MODEL} --format gguf --out base.gguf` (f32/f16), not with the shipped Q4_1 file")
 
@@ -608,7 +608,7 @@ def cli_export(args) -> int:
     for path in result["files"][1:]:
         print(f"also written: {path}")
     for note in result["notes"]:
-        print(note)
+        print(f"note: {note}")
     for command in result["commands"]:
         print(f"  {command}")
     return 0

@@ -88,8 +88,9 @@ class TrainConfig:
     save_every: int = setting(50, "checkpoint every N steps (0: only at the end)")
     eval_every: int = setting(0, "validation loss every N steps (0: at the end, and ~12 times a run for early stopping)")
     patience: int = setting(3, "early stopping: stop after this many validations without improvement and keep the "
-                               "best adapter (0: off, train every step)")
-    min_delta: float = setting(0.001, "early stopping: an improvement lowers the best validation loss by more than this")
+                               "adapter of the lowest validation loss (0: off, train every step)")
+    min_delta: float = setting(0.001, "early stopping: a validation improves when its loss is more than this below "
+                                      "that of the last one that improved")
     val_fraction: float = setting(0.05, "fraction of the rows held out for validation")
     resume: bool = setting(False, "continue from the last checkpoint in --out")
     nproc: int = setting(1, "data-parallel processes (torch.distributed)")

@@ -1,9 +1,11 @@
 """Early stopping on the validation loss, keeping the best adapter (on by default).
 
 A run evaluates every ``eval_every`` steps (or, when that is 0, about twelve times over the run)
-and stops once ``patience`` evaluations in a row failed to lower the best validation loss by more
-than ``min_delta``; the adapter it writes is the one of the best evaluation (what transformers'
-``EarlyStoppingCallback`` with ``load_best_model_at_end`` gives, as a default here).
+and stops once ``patience`` evaluations in a row failed to improve: an evaluation improves when
+its loss is more than ``min_delta`` below the loss of the last one that improved (Keras'
+``EarlyStopping`` rule, so a slow steady decline still counts once it adds up to min_delta). The
+adapter it writes is the one of the lowest validation loss, small improvements included (what
+transformers' ``load_best_model_at_end`` keeps; its threshold too only governs the patience).
 
 Everything survives ``kill -9`` and ``--resume``: the history is read back from metrics.jsonl
 (already truncated to the resumed step), and the best adapter's weights sit in
@@ -32,9 +34,10 @@ PREFIX = "best-step-"
 @dataclass
 class EarlyStopping:
     patience: int  # evaluations without improvement before stopping (0: never stop early)
-    min_delta: float  # an improvement must lower the best validation loss by more than this
-    best: float = math.inf
-    best_step: int = 0
+    min_delta: float  # an improvement lowers the reference loss by more than this
+    best: float = math.inf  # the lowest validation loss so far...
+    best_step: int = 0  # ...and its step: the adapter kept
+    reference: float = math.inf  # the loss of the last evaluation that improved
     bad: int = 0  # evaluations in a row that did not improve
 
     @property
@@ -42,13 +45,16 @@ class EarlyStopping:
         return self.patience > 0
 
     def update(self, step: int, val_loss: float | None) -> bool:
-        """Take the validation loss of step `step`; True when it is the new best."""
+        """Take the validation loss of step `step`; True when it is the lowest so far."""
         if val_loss is None or not math.isfinite(val_loss):
             return False
-        if val_loss < self.best - self.min_delta:
-            self.best, self.best_step, self.bad = val_loss, step, 0
+        if val_loss < self.reference - self.min_delta:
+            self.reference, self.bad = val_loss, 0
+        else:
+            self.bad += 1
+        if val_loss < self.best:
+            self.best, self.best_step = val_loss, step
             return True
-        self.bad += 1
         return False
 
     @property
@@ -65,7 +71,7 @@ class EarlyStopping:
     def reason(self, step: int) -> str:
         return (f"early stopping at step {step}: the validation loss did not improve by more than "
                 f"{self.min_delta:g} for {self.patience} evaluation(s); keeping the adapter of step "
-                f"{self.best_step} (val_loss {self.best:.4f}); --patience 0 trains every step")
+                f"{self.best_step}, the lowest validation loss ({self.best:.4f}); --patience 0 trains every step")
 
 
 def eval_interval(eval_every: int, total: int, early: bool) -> int:

@@ -563,8 +563,13 @@ def watch_validation(run: Run, step: int, record: dict):
         return
     if run.early.update(step, record["val_loss"]) and dist.is_main():
         early_stop.save_best(run.out, step, run.model)
-    if run.early.should_stop and dist.is_main():
+    if stopped_early(run, step) and dist.is_main():
         logger.info(f"note: {run.early.reason(step)}")
+
+
+def stopped_early(run: Run, step: int) -> bool:
+    """Whether the patience ran out before the run's last step (at the last one it simply ended)."""
+    return run.early.should_stop and step < run.total
 
 
 def keep_best(run: Run, last: int) -> dict:
@@ -574,12 +579,12 @@ def keep_best(run: Run, last: int) -> dict:
         return {}
     if early.best_step != last and dist.is_main():
         early_stop.restore_best(run.out, early.best_step, run.model)
-        if not early.should_stop:
-            logger.info(f"note: keeping the adapter of step {early.best_step}, the best validation loss "
+        if not stopped_early(run, last):
+            logger.info(f"note: keeping the adapter of step {early.best_step}, the lowest validation loss "
                         f"({early.best:.4f}); --patience 0 keeps the last step's")
     if dist.is_main():  # the newest best file stays, beside the checkpoints: a later --resume reads it
         early_stop.prune_best(run.out, last)
-    return {"best_step": early.best_step, "best_val_loss": early.best, "stopped_early": early.should_stop}
+    return {"best_step": early.best_step, "best_val_loss": early.best, "stopped_early": stopped_early(run, last)}
 
 
 def one_step(run: Run, step: int) -> dict:
