@@ -577,14 +577,15 @@ def keep_best(run: Run, last: int) -> dict:
     early = run.early
     if not early.enabled or not early.best_step:
         return {}
+    stopped = stopped_early(run, last)
     if early.best_step != last and dist.is_main():
         early_stop.restore_best(run.out, early.best_step, run.model)
-        if not stopped_early(run, last):
+        if not stopped:
             logger.info(f"note: keeping the adapter of step {early.best_step}, the lowest validation loss "
                         f"({early.best:.4f}); --patience 0 keeps the last step's")
     if dist.is_main():  # the newest best file stays, beside the checkpoints: a later --resume reads it
         early_stop.prune_best(run.out, last)
-    return {"best_step": early.best_step, "best_val_loss": early.best, "stopped_early": stopped_early(run, last)}
+    return {"best_step": early.best_step, "best_val_loss": early.best, "stopped_early": stopped}
 
 
 def one_step(run: Run, step: int) -> dict:
