@@ -32,6 +32,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/lora_overhead.py
 	$(PY) bench/train_vs_peft.py --threads 1
+	$(PY) bench/loss_chunks.py
 	$(PY) bench/serve.py --threads 1 --clock cpu
 	$(PY) bench/serve_trace.py --threads 1
 	$(PY) bench/qlora.py --threads 1 --stable-rss

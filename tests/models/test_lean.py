@@ -220,3 +220,16 @@ def test_a_forward_without_backward_leaves_nothing_behind():
         del loss
     assert live_tensors() == before
     loss_and_grads(model)  # and backward still works after
+
+
+def test_chunked_loss_of_non_finite_hidden_states_is_not_finite():
+    """A NaN or infinite hidden state must give a non-finite loss (the trainer stops on it)."""
+    head = torch.nn.Linear(8, 16, bias=False).requires_grad_(False)
+    targets = torch.tensor([3, 5])
+    for bad in (float("nan"), float("inf")):
+        hidden = torch.randn(2, 8)
+        hidden[1, 2] = bad
+        hidden.requires_grad_()
+        assert not torch.isfinite(lean.linear_cross_entropy_sum(hidden, head, targets))
+        with torch.no_grad():
+            assert not torch.isfinite(lean.linear_cross_entropy_sum(hidden, head, targets))

@@ -13,7 +13,9 @@ save far more than they need:
   mask is given, and keeps the copies; on CPU, SDPA's own ``enable_gqa`` is used (_sdpa_gqa).
 - The loss keeps (answer tokens x vocabulary) float32 logits and log-softmax; computed a chunk
   of rows at a time with the gradient for the hidden states formed in the same pass, at most one
-  chunk of logits is alive, and nothing vocabulary-sized is kept for backward.
+  chunk of logits is alive, and nothing vocabulary-sized is kept for backward. Each chunk's
+  cross-entropy and softmax come from one float32 copy of its logits, worked in place (no
+  separate log-softmax and softmax tensors).
 
 The first three replay exactly the same ops (``torch.utils.checkpoint``, non-reentrant, around
 a few elementwise ops, and the hook's replay under the same autocast state), so gradients equal
@@ -37,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 LEAN_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MixtralRMSNorm",
               "Qwen3MoeRMSNorm", "Qwen2MoeRMSNorm"}
 LEAN_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
-LOGIT_ELEMENTS = 1 << 21  # logits per loss chunk (2M: 8 MB in float32)
+LOGIT_ELEMENTS = 1 << 22  # logits per loss chunk (4M: 16 MB in float32)
 GQA_ON_CPU = True  # grouped-query attention without copying k / v per head, on CPU (_sdpa_gqa)
 _FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
 
@@ -222,9 +224,14 @@ def _chunks(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor):
 
 
 def _chunk_loss(hidden, targets, weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed cross-entropy, float32 logits) of one chunk, as the plain path computes them."""
+    """(summed cross-entropy, softmax (rows, vocab) float32) of one chunk. A row's cross-entropy is
+    log(sum(exp(logits - max))) minus (its target's logit - max); every step after the head's
+    matmul runs in place over one float32 copy of the logits, which ends as the softmax."""
     logits = F.linear(hidden, weight, bias).float()  # (rows, vocab)
-    return F.cross_entropy(logits, targets, reduction="sum"), logits
+    logits.sub_(logits.amax(dim=-1, keepdim=True))
+    picked = logits.gather(1, targets[:, None])[:, 0]  # (rows,), shifted like the logits
+    sums = logits.exp_().sum(dim=-1)  # the logits are now exp(logits - max)
+    return (sums.log() - picked).sum(), logits.div_(sums[:, None])
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -233,10 +240,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         grads = []
         for part, wanted in _chunks(hidden, targets, weight):
-            loss, logits = _chunk_loss(part, wanted, weight, bias)
+            loss, grad_logits = _chunk_loss(part, wanted, weight, bias)
             total += loss
-            grad_logits = torch.softmax(logits, dim=-1)  # d(sum CE)/d(logits) = softmax - one-hot
-            grad_logits[torch.arange(len(wanted), device=wanted.device), wanted] -= 1
+            grad_logits[torch.arange(len(wanted), device=wanted.device), wanted] -= 1  # d(sum CE)/d(logits) = softmax - one-hot
             grads.append(torch.matmul(grad_logits.to(weight.dtype), weight).float())  # (rows, h); bf16 under autocast, like F.linear's backward
         ctx.save_for_backward(torch.cat(grads) if grads else hidden.new_zeros(hidden.shape, dtype=torch.float32))
         ctx.hidden_dtype = hidden.dtype
